@@ -1,0 +1,117 @@
+"""Checks of model inputs, so bad input is a clear `ValueError` and never an IndexError deep inside torch.
+
+An out-of-range token id would otherwise fail inside `nn.Embedding` (on a GPU as an unreadable device-side assert),
+and a mask of the wrong shape could broadcast into a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_token_ids(input_ids: object, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
+    """Raise unless `input_ids` is a non-empty `[B, T]` integer tensor of ids in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch tensor of shape [batch, length], got {type(input_ids).__name__}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape [batch, length], got shape {tuple(input_ids.shape)}.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+    check_not_empty(input_ids.shape, name)
+    out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(out_of_range.any()):
+        bad = input_ids[out_of_range]
+        raise ValueError(
+            f"`{name}` holds token ids outside [0, vocab_size={vocab_size}): found "
+            f"{bad.min().item()}..{bad.max().item()} ({int(out_of_range.sum())} positions). "
+            "Was the tokenizer trained with a larger vocabulary?"
+        )
+    return input_ids
+
+
+def check_not_empty(shape: torch.Size, name: str) -> None:
+    """Raise for a batch without rows or positions."""
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"`{name}` is empty (shape {tuple(shape)}): give at least one sequence of at least one token."
+        )
+
+
+def check_attention_mask(
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    length: int,
+    name: str = "attention_mask",
+    past_length: int = 0,
+) -> torch.Tensor | None:
+    """Validate a padding mask and return it as `[B, length]` bool (True = real token), or None.
+
+    During generation transformers passes the mask of the whole sequence so far (`past_length + length` columns);
+    only its last `length` columns describe the new tokens.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch tensor, got {type(attention_mask).__name__}.")
+    allowed = {(batch_size, length), (batch_size, past_length + length)}
+    if tuple(attention_mask.shape) not in allowed:
+        expected = " or ".join(str(shape) for shape in sorted(allowed))
+        raise ValueError(
+            f"`{name}` must have shape {expected} to match the inputs, got {tuple(attention_mask.shape)}."
+        )
+    attention_mask = attention_mask[:, -length:]
+    if attention_mask.dtype != torch.bool:
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (token).")
+        attention_mask = attention_mask.bool()
+    return attention_mask
+
+
+def check_no_empty_rows(mask: torch.Tensor | None, name: str = "attention_mask") -> None:
+    """Raise if a row of the mask has no token: such a row has no state to start from and nothing to attend to."""
+    if mask is None:
+        return
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"`{name}` rows {rows[:10]} contain only padding. Every sequence needs at least one token "
+            "(tokenize an empty text with its special tokens, e.g. EOS, or drop it from the batch)."
+        )
+
+
+def check_labels(labels: object, shape: tuple | None, vocab_size: int) -> None:
+    """Raise unless `labels` is `[B, T]` (exactly `shape` if given) and holds token ids or -100 (ignored)."""
+    expected = "[batch, length]" if shape is None else str(tuple(shape))
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`labels` must be a tensor of shape {expected}, got {type(labels).__name__}.")
+    if labels.dim() != 2 or (shape is not None and tuple(labels.shape) != tuple(shape)):
+        raise ValueError(f"`labels` must have shape {expected} (one target per position), got {tuple(labels.shape)}.")
+    invalid = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
+    if bool(invalid.any()):
+        raise ValueError(
+            f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored), "
+            f"found {labels[invalid][0].item()}."
+        )
+
+
+# Trainer passes `num_items_in_batch` so the loss stays right under gradient accumulation; any other extra keyword
+# is a typo and raises instead of being silently ignored.
+LOSS_KWARGS = frozenset({"num_items_in_batch"})
+
+
+def check_extra_kwargs(kwargs: dict, owner: str) -> None:
+    """Raise a TypeError for keyword arguments `forward()` does not know."""
+    unknown = sorted(set(kwargs) - LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}.forward() got unexpected keyword arguments {unknown}.")
+
+
+__all__ = [
+    "check_attention_mask",
+    "check_extra_kwargs",
+    "check_labels",
+    "check_no_empty_rows",
+    "check_not_empty",
+    "check_token_ids",
+]

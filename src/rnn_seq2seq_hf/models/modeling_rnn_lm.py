@@ -1,0 +1,226 @@
+"""Recurrent language model (Elman RNN, LSTM, GRU) as a transformers model.
+
+Reads top to bottom: the pre-trained base class, the bare model (embeddings + recurrent stack), then the causal LM
+head with `generate()`.
+
+This file imports only installed packages and sibling files, so it travels with the weights for
+`trust_remote_code=True` loading.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_rnn import RNNCache
+from .configuration_rnn_lm import RNNLMConfig
+from .input_checks import (
+    check_attention_mask,
+    check_extra_kwargs,
+    check_labels,
+    check_not_empty,
+    check_token_ids,
+)
+from .output_layer import OutputLayer
+from .pretrained import RecurrentPreTrainedModel
+from .recurrent import RecurrentStack
+
+
+class RNNLMPreTrainedModel(RecurrentPreTrainedModel):
+    config_class = RNNLMConfig
+
+
+class RNNLMModel(RNNLMPreTrainedModel):
+    """Embeddings and the recurrent stack; returns the top layer's outputs `[B, T, hidden_size]`."""
+
+    def __init__(self, config: RNNLMConfig):
+        config.check_values()
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.rnn = RecurrentStack(
+            config.cell_type,
+            config.embedding_size,
+            config.hidden_size,
+            config.num_hidden_layers,
+            dropout=config.hidden_dropout,
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: RNNCache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids: `[B, T]` token ids. Give either these or `inputs_embeds` (`[B, T, embedding_size]`).
+            attention_mask: `[B, T]` (or `[B, P + T]` when continuing from a cache that has seen P positions),
+                1 for tokens and 0 for padding. Padding is skipped: it changes neither the state nor later outputs,
+                so left, right or middle padding all give the unpadded results. Outputs at padding are zero. A row
+                of padding only is an empty context: its state stays the initial (zero) state.
+            cache: an `RNNCache` from an earlier call, to continue from its state. It is updated in place.
+            use_cache: return the state as an `RNNCache` (default `config.use_cache`).
+            output_attentions: accepted for API compatibility; a recurrent LM has no attention.
+            output_hidden_states: also return `(embeddings, outputs of the recurrent stack)`.
+
+        Returns:
+            `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, hidden_size]` and `cache`.
+        """
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.embedding_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape [batch, length, {self.config.embedding_size}], "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        else:
+            check_not_empty(inputs_embeds.shape, "inputs_embeds")
+        batch_size, length = inputs_embeds.shape[:2]
+
+        state = None
+        if cache is not None:
+            if not isinstance(cache, RNNCache):
+                raise ValueError(f"`cache` must be an RNNCache returned by this model, got {type(cache).__name__}.")
+            state = cache.get_state()
+            if state is not None and state[0].shape[1] != batch_size:
+                raise ValueError(
+                    f"`cache` holds the state of {state[0].shape[1]} sequences but the inputs have {batch_size}."
+                )
+        mask = check_attention_mask(
+            attention_mask, batch_size, length, past_length=cache.num_seen_tokens if cache is not None else 0
+        )
+
+        embeddings = self.embedding_dropout(inputs_embeds)
+        outputs, new_state = self.rnn(embeddings, state, mask)
+
+        if use_cache:
+            if cache is None:
+                cache = RNNCache(self.config.num_hidden_layers, self.rnn.num_states)
+            cache.set_state(new_state)
+            cache.num_seen_tokens += length
+        else:
+            cache = None
+
+        result = BaseModelOutputWithPast(
+            last_hidden_state=outputs,
+            cache=cache,
+            hidden_states=(embeddings, outputs) if output_hidden_states else None,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
+    """Recurrent LM with a vocabulary projection: p(x_{t+1} | x_{<=t}).
+
+    The output layer computes o_t = W_ho dropout(h_t) + b_o, plus W_xo x_t when `config.input_to_output`.
+    """
+
+    _tied_weights_keys = {"lm_head.linear.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RNNLMConfig):
+        super().__init__(config)
+        self.model = RNNLMModel(config)
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.lm_head = OutputLayer(
+            config.hidden_size, config.embedding_size, config.vocab_size, tie=config.tie_word_embeddings
+        )
+        self.input_to_output = (
+            nn.Linear(config.embedding_size, config.vocab_size, bias=False) if config.input_to_output else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head.linear = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: RNNCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask, inputs_embeds, cache, use_cache, output_attentions, output_hidden_states:
+                as in [`RNNLMModel.forward`].
+            labels: `[B, T]` next-token targets aligned with the inputs (shifted inside, as in every causal LM of
+                transformers); -100 is ignored.
+            logits_to_keep: if > 0, compute logits only for the last `logits_to_keep` positions (generation needs
+                only the last one).
+            num_items_in_batch: (keyword) number of target tokens in the whole accumulated batch, passed by
+                `Trainer`, so the loss is right under gradient accumulation.
+
+        Returns:
+            `CausalLMOutputWithPast` with `loss`, `logits` `[B, T, vocab_size]`, `cache`, `hidden_states`.
+        """
+        check_extra_kwargs(kwargs, type(self).__name__)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
+        hidden = outputs.last_hidden_state[:, keep]
+        logits = self.lm_head(self.output_dropout(hidden))
+        if self.input_to_output is not None:
+            embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            logits = logits + self.input_to_output(self.model.embedding_dropout(embeddings[:, keep]))
+
+        loss = None
+        if labels is not None:
+            if logits_to_keep > 0:
+                raise ValueError("`labels` need logits for every position: leave `logits_to_keep` at 0 to train.")
+            check_labels(labels, hidden.shape[:2], self.config.vocab_size)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = ["RNNLMForCausalLM", "RNNLMModel", "RNNLMPreTrainedModel"]

@@ -1,0 +1,545 @@
+"""Recurrent encoder-decoder (Seq2Seq) with attention, as a transformers model.
+
+Reads top to bottom: the encoder output type, the encoder, the bridge (encoder state -> decoder state), the decoder,
+the pre-trained base class, the bare model, then the head with `generate()`.
+
+Decoder equations (t = target position, y_{t-1} the previous target token, m the encoder outputs):
+- "bahdanau" (Bahdanau et al., 2015): c_t = attn(s_{t-1}, m); s_t = RNN([E y_{t-1}; c_t], s_{t-1});
+  output a_t = tanh(W_o [s_t; c_t; E y_{t-1}]) (the deep output layer, tanh instead of maxout).
+- "dot" / "general" / "concat" (Luong et al., 2015): h_t = RNN(E y_{t-1}, h_{t-1}); c_t = attn(h_t, m);
+  a_t = tanh(W_c [c_t; h_t]).
+- input feeding (Luong, section 3.3): a_{t-1} is concatenated to the RNN input.
+- "none": a_t = h_t; the decoder sees the source only through its initial state (the bridge).
+logits_t = W a_t + b (see `OutputLayer`).
+
+Without input feeding, Luong attention (and "none") has no step that needs the previous step's attention, so the
+decoder runs the recurrent stack over the whole target in one call and attends for all steps with batched matrix
+products (`_forward_fused`). `_forward_steps` is the plain step-by-step reference, used for Bahdanau, input feeding
+and in the tests that check both paths agree.
+
+This file imports only installed packages and sibling files, so it travels with the weights for
+`trust_remote_code=True` loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.utils import ModelOutput
+
+from .attention import build_attention
+from .cache_rnn import RNNCache
+from .configuration_rnn_seq2seq import RNNSeq2SeqConfig
+from .input_checks import (
+    check_attention_mask,
+    check_extra_kwargs,
+    check_labels,
+    check_no_empty_rows,
+    check_not_empty,
+    check_token_ids,
+)
+from .output_layer import OutputLayer
+from .pretrained import RecurrentPreTrainedModel
+from .recurrent import RecurrentStack, RNNState, state_to_batch_first
+
+LUONG_ATTENTION = ("dot", "general", "concat")
+
+
+@dataclass
+class RNNEncoderOutput(ModelOutput):
+    """Encoder results. Every tensor is batch first, so `generate()` expands it per beam along dim 0.
+
+    Args:
+        last_hidden_state: `[B, S, hidden_size]` per-token outputs (both directions concatenated), zero at padding.
+        final_hidden_state: `[B, encoder_layers, hidden_size]` final `h` of every layer (directions concatenated);
+            for the backward direction "final" means after reading the first token.
+        final_cell_state: same for an LSTM's `c`, else None.
+        hidden_states: `(embeddings, outputs)` when asked for.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    final_hidden_state: torch.Tensor | None = None
+    final_cell_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class RNNEncoder(nn.Module):
+    """Embeddings and a (bi)directional recurrent stack over the source; padding is skipped (packed sequences)."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: RNNSeq2SeqConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.rnn = RecurrentStack(
+            config.cell_type,
+            config.embedding_size,
+            config.encoder_hidden_size,
+            config.encoder_layers,
+            dropout=config.hidden_dropout,
+            bidirectional=config.bidirectional_encoder,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RNNEncoderOutput | tuple:
+        """Encode `input_ids` `[B, S]` (or `inputs_embeds` `[B, S, E]`) with `attention_mask` `[B, S]`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.embedding_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape [batch, length, {self.config.embedding_size}], "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        else:
+            check_not_empty(inputs_embeds.shape, "inputs_embeds")
+        mask = check_attention_mask(attention_mask, *inputs_embeds.shape[:2])
+        check_no_empty_rows(mask)
+
+        embeddings = self.embedding_dropout(inputs_embeds)
+        outputs, final_state = self.rnn(embeddings, None, mask)
+        final = state_to_batch_first(final_state, self.config.encoder_layers)
+        result = RNNEncoderOutput(
+            last_hidden_state=outputs,
+            final_hidden_state=final[0],
+            final_cell_state=final[1] if len(final) > 1 else None,
+            hidden_states=(embeddings, outputs) if output_hidden_states else None,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+class Bridge(nn.Module):
+    """The decoder's initial state from the encoder's final state (`config.bridge`)."""
+
+    def __init__(self, config: RNNSeq2SeqConfig):
+        super().__init__()
+        self.kind = config.bridge
+        self.num_layers = config.decoder_layers
+        self.hidden_size = config.hidden_size
+        self.is_lstm = config.cell_type == "lstm"
+        if self.kind == "linear":
+            size = config.decoder_layers * config.hidden_size
+            self.hidden_projection = nn.Linear(config.hidden_size, size)
+            self.cell_projection = nn.Linear(config.hidden_size, size) if self.is_lstm else None
+
+    def forward(self, encoder_outputs: RNNEncoderOutput) -> RNNState:
+        """Returns `(h,)` or `(h, c)`, each `[decoder_layers, B, hidden_size]`."""
+        final = [encoder_outputs.final_hidden_state]  # [B, encoder_layers, H]
+        if self.is_lstm:
+            final.append(encoder_outputs.final_cell_state)
+        if self.kind == "zero":
+            return tuple(torch.zeros_like(t[:, -1]).expand(self.num_layers, -1, -1).contiguous() for t in final)
+        if self.kind == "last":
+            return tuple(t.transpose(0, 1).contiguous() for t in final)
+        projections = [self.hidden_projection, self.cell_projection][: len(final)]
+        batch_size = final[0].shape[0]
+        return tuple(
+            torch.tanh(proj(t[:, -1])).view(batch_size, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
+            for proj, t in zip(projections, final)
+        )
+
+
+class RNNDecoder(nn.Module):
+    """Recurrent decoder with attention over the encoder outputs; see the module docstring for the equations.
+
+    Attributes:
+        use_fused: take the one-call path where the configuration allows it (True by default). Set it to False to
+            run the step-by-step reference instead; both give the same outputs and gradients.
+    """
+
+    def __init__(self, config: RNNSeq2SeqConfig):
+        super().__init__()
+        hidden, embedding = config.hidden_size, config.embedding_size
+        self.attention_type = config.attention_type
+        self.input_feeding = config.input_feeding
+        self.hidden_size = hidden
+        self.embed_tokens = nn.Embedding(config.vocab_size, embedding, padding_idx=config.pad_token_id)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        rnn_input_size = embedding
+        rnn_input_size += hidden if self.attention_type == "bahdanau" else 0  # context c_t
+        rnn_input_size += hidden if self.input_feeding else 0  # previous attentional state a_{t-1}
+        self.rnn = RecurrentStack(
+            config.cell_type, rnn_input_size, hidden, config.decoder_layers, dropout=config.hidden_dropout
+        )
+        self.attention = build_attention(self.attention_type, hidden)
+        if self.attention_type in LUONG_ATTENTION:
+            self.attentional_layer = nn.Linear(2 * hidden, hidden, bias=False)  # W_c
+        elif self.attention_type == "bahdanau":
+            self.deep_output = nn.Linear(2 * hidden + embedding, hidden)  # W_o
+        self.bridge = Bridge(config)
+        self.use_fused = True
+
+    @property
+    def can_fuse(self) -> bool:
+        """True when no step needs the previous step's attention."""
+        return self.attention_type != "bahdanau" and not self.input_feeding
+
+    def init_cache(self, encoder_outputs: RNNEncoderOutput) -> RNNCache:
+        """A cache holding the initial decoder state and what decoding reuses at every step."""
+        cache = RNNCache(self.rnn.num_layers, self.rnn.num_states)
+        cache.set_state(self.bridge(encoder_outputs))
+        memory = encoder_outputs.last_hidden_state
+        if self.attention is not None:
+            cache.extras["memory_keys"] = self.attention.project_memory(memory)  # [B, S, K]
+        if self.input_feeding:
+            cache.extras["input_feed"] = memory.new_zeros(memory.shape[0], self.hidden_size)  # a_0 = 0
+        return cache
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        cache: RNNCache,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Decode `input_ids` `[B, T]` from the state in `cache` (updated in place).
+
+        Args:
+            memory: encoder outputs `[B, S, H]`; memory_mask: `[B, S]` bool or None.
+            mask: `[B, T]` bool, False at decoder padding (skipped), or None.
+
+        Returns:
+            features a_t `[B, T, H]` (after output dropout), attention weights `[B, T, S]` (None without
+            attention), and the embeddings `[B, T, E]`.
+        """
+        embeddings = self.embedding_dropout(self.embed_tokens(input_ids))
+        if self.use_fused and self.can_fuse:
+            features, weights = self._forward_fused(embeddings, memory, memory_mask, cache, mask)
+        else:
+            features, weights = self._forward_steps(embeddings, memory, memory_mask, cache, mask)
+        return features, weights, embeddings
+
+    def _forward_fused(self, embeddings, memory, memory_mask, cache, mask):
+        outputs, state = self.rnn(embeddings, cache.get_state(), mask)  # [B, T, H]
+        cache.set_state(state)
+        if self.attention is None:
+            return self.output_dropout(outputs), None
+        context, weights = self.attention(outputs, memory, cache.extras["memory_keys"], memory_mask)
+        attentional = torch.tanh(self.attentional_layer(torch.cat([context, outputs], dim=-1)))
+        return self.output_dropout(attentional), weights
+
+    def _forward_steps(self, embeddings, memory, memory_mask, cache, mask):
+        state = cache.get_state()
+        input_feed = cache.extras.get("input_feed")
+        keys = cache.extras.get("memory_keys")
+        features, weights = [], []
+        for t in range(embeddings.shape[1]):
+            step_mask = mask[:, t : t + 1] if mask is not None else None
+            feature, weight, state = self.step(
+                embeddings[:, t : t + 1], state, input_feed, memory, keys, memory_mask, step_mask
+            )
+            if self.input_feeding:
+                new_feed = feature[:, 0]
+                input_feed = new_feed if step_mask is None else torch.where(step_mask, new_feed, input_feed)
+            features.append(feature)
+            weights.append(weight)
+        cache.set_state(state)
+        if self.input_feeding:
+            cache.extras["input_feed"] = input_feed
+        weights = torch.cat(weights, dim=1) if self.attention is not None else None
+        return torch.cat(features, dim=1), weights
+
+    def step(
+        self,
+        embedding: torch.Tensor,
+        state: RNNState,
+        input_feed: torch.Tensor | None,
+        memory: torch.Tensor,
+        keys: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        step_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RNNState]:
+        """One decoder step: embedding `[B, 1, E]` and state -> features `[B, 1, H]`, weights `[B, 1, S]`, state."""
+        rnn_inputs = [embedding]
+        # 1. Bahdanau attends with the previous state s_{t-1} (top layer's h) and feeds the context to the RNN.
+        if self.attention_type == "bahdanau":
+            context, weights = self.attention(state[0][-1][:, None, :], memory, keys, memory_mask)
+            rnn_inputs.append(context)
+        # 2. Input feeding: the previous attentional state a_{t-1}.
+        if self.input_feeding:
+            rnn_inputs.append(input_feed[:, None, :])
+        # 3. The recurrent update.
+        output, state = self.rnn(torch.cat(rnn_inputs, dim=-1), state, step_mask)  # [B, 1, H]
+        # 4. The output features: Luong attends with the new h_t; Bahdanau's deep output; or h_t alone.
+        if self.attention_type in LUONG_ATTENTION:
+            context, weights = self.attention(output, memory, keys, memory_mask)
+            feature = torch.tanh(self.attentional_layer(torch.cat([context, output], dim=-1)))
+        elif self.attention_type == "bahdanau":
+            feature = torch.tanh(self.deep_output(torch.cat([output, context, embedding], dim=-1)))
+        else:
+            feature, weights = output, None
+        return self.output_dropout(feature), weights, state
+
+
+class RNNSeq2SeqPreTrainedModel(RecurrentPreTrainedModel):
+    config_class = RNNSeq2SeqConfig
+
+
+class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
+    """Encoder and decoder; returns the decoder's output features `[B, T, hidden_size]`."""
+
+    def __init__(self, config: RNNSeq2SeqConfig):
+        config.check_values()
+        super().__init__(config)
+        self.encoder = RNNEncoder(config)
+        self.decoder = RNNDecoder(config)
+        self.post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # transformers only ties when `tie_word_embeddings` is set; sharing encoder and decoder embeddings is a
+        # separate choice here, so the mapping is computed from the config.
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        if self.config.share_embeddings:
+            return {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+        return {}
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.encoder.embed_tokens = value
+        if self.config.share_embeddings:
+            self.decoder.embed_tokens = value
+
+    def get_encoder(self) -> RNNEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> RNNDecoder:
+        return self.decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: RNNEncoderOutput | tuple | None = None,
+        cache: RNNCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> Seq2SeqModelOutput | tuple:
+        r"""
+        Args:
+            input_ids: `[B, S]` source token ids (or `inputs_embeds` `[B, S, E]`, or precomputed `encoder_outputs`).
+            attention_mask: `[B, S]`, 1 for source tokens, 0 for padding (skipped by the encoder, never attended).
+            decoder_input_ids: `[B, T]` decoder inputs (the targets shifted right, starting with
+                `decoder_start_token_id`). With a `cache`, only the tokens the cache has not consumed yet.
+            decoder_attention_mask: `[B, T]` (or `[B, P + T]` with a cache that has seen P positions); decoder
+                padding is skipped like source padding. Optional: right padding needs no mask.
+            encoder_outputs: an `RNNEncoderOutput` (or tuple) from `get_encoder()`, to encode only once.
+            cache: an `RNNCache` from an earlier call, to continue decoding from; updated in place.
+            output_attentions: return the attention weights in `cross_attentions` (one `[B, 1, T, S]` tensor).
+            output_hidden_states: return `(embeddings, features)` of the encoder and of the decoder.
+
+        Returns:
+            `Seq2SeqModelOutput` with `last_hidden_state` `[B, T, hidden_size]`, `cache`,
+            `encoder_last_hidden_state`, and the optional attentions and hidden states.
+        """
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, RNNEncoderOutput):
+            encoder_outputs = RNNEncoderOutput(*encoder_outputs)
+        memory = encoder_outputs.last_hidden_state  # [B, S, H]
+        memory_mask = check_attention_mask(attention_mask, *memory.shape[:2])
+
+        if decoder_input_ids is None:
+            raise ValueError("Give `decoder_input_ids`, or `labels` to the ForConditionalGeneration head.")
+        check_token_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+        batch_size, length = decoder_input_ids.shape
+        if batch_size != memory.shape[0]:
+            raise ValueError(
+                f"`decoder_input_ids` has {batch_size} rows but the encoder outputs have {memory.shape[0]}."
+            )
+        if cache is None:
+            cache = self.decoder.init_cache(encoder_outputs)
+        elif not isinstance(cache, RNNCache):
+            raise ValueError(f"`cache` must be an RNNCache returned by this model, got {type(cache).__name__}.")
+        elif cache.batch_size != batch_size:
+            raise ValueError(f"`cache` holds {cache.batch_size} sequences but `decoder_input_ids` has {batch_size}.")
+        decoder_mask = check_attention_mask(
+            decoder_attention_mask, batch_size, length, "decoder_attention_mask", past_length=cache.num_seen_tokens
+        )
+
+        features, weights, embeddings = self.decoder(decoder_input_ids, memory, memory_mask, cache, decoder_mask)
+        cache.num_seen_tokens += length
+
+        result = Seq2SeqModelOutput(
+            last_hidden_state=features,
+            cache=cache if use_cache else None,
+            decoder_hidden_states=(embeddings, features) if output_hidden_states else None,
+            cross_attentions=(weights[:, None],) if output_attentions and weights is not None else None,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from targets: `[start, y_1, ..., y_{T-1}]`, with ignored (-100) labels read as padding."""
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
+    """Cross-entropy summed over target tokens (labels of -100 ignored), divided by the token count.
+
+    Labels are NOT shifted: position t of the logits predicts labels[t]. `num_items_in_batch` is the token count of
+    the whole accumulated batch (passed by Trainer); dividing by it makes k accumulated micro-batches give the same
+    loss and gradient as one big batch.
+    """
+    total = nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMixin):
+    """The Seq2Seq model with its vocabulary projection: p(y_t | y_<t, x). Translate with `generate()`."""
+
+    def __init__(self, config: RNNSeq2SeqConfig):
+        super().__init__(config)
+        self.model = RNNSeq2SeqModel(config)
+        self.lm_head = OutputLayer(
+            config.hidden_size, config.embedding_size, config.vocab_size, tie=config.tie_word_embeddings
+        )
+        self.post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        if not self.config.tie_word_embeddings:
+            return {}
+        # With shared embeddings the decoder's embedding is itself tied to the encoder's: point at the source.
+        source = "encoder" if self.config.share_embeddings else "decoder"
+        return {"lm_head.linear.weight": f"model.{source}.embed_tokens.weight"}
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head.linear = value
+
+    def get_encoder(self) -> RNNEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> RNNDecoder:
+        return self.model.decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: RNNEncoderOutput | tuple | None = None,
+        cache: RNNCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput | tuple:
+        r"""
+        Args:
+            labels: `[B, T]` target token ids, -100 ignored. Without `decoder_input_ids`, the decoder inputs are
+                the labels shifted right behind `decoder_start_token_id`.
+            num_items_in_batch: (keyword) target-token count of the whole accumulated batch, passed by `Trainer`.
+            Others: as in [`RNNSeq2SeqModel.forward`].
+
+        Returns:
+            `Seq2SeqLMOutput` with `loss`, `logits` `[B, T, vocab_size]`, `cache`, `cross_attentions`, ...
+        """
+        check_extra_kwargs(kwargs, type(self).__name__)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None and decoder_input_ids is None:
+            check_labels(labels, None, self.config.vocab_size)
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id
+            )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+
+        loss = None
+        if labels is not None:
+            check_labels(labels, decoder_input_ids.shape, self.config.vocab_size)
+            loss = token_loss(logits, labels, kwargs.get("num_items_in_batch"))
+
+        result = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "RNNEncoder",
+    "RNNEncoderOutput",
+    "RNNDecoder",
+    "RNNSeq2SeqForConditionalGeneration",
+    "RNNSeq2SeqModel",
+    "RNNSeq2SeqPreTrainedModel",
+]
