@@ -300,9 +300,7 @@ def test_generated_cross_attention_equals_full_forward_attention(attention, feed
 def test_beam_search_options():
     model = make_seq2seq(seed=1)
     source, mask = right_padded(SOURCES)
-    out = model.generate(
-        input_ids=source, attention_mask=mask, num_beams=4, num_return_sequences=3, max_new_tokens=6
-    )
+    out = model.generate(input_ids=source, attention_mask=mask, num_beams=4, num_return_sequences=3, max_new_tokens=6)
     assert out.shape[0] == 9
     for row in range(3):
         hypotheses = [tuple(strip_after_eos(s[1:].tolist())) for s in out[3 * row : 3 * row + 3]]

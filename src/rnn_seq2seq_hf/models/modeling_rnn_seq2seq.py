@@ -300,16 +300,18 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
         super().__init__(config)
         self.encoder = RNNEncoder(config)
         self.decoder = RNNDecoder(config)
+        # {tied parameter: its source}, read by save_pretrained (to store one copy) and by tie_weights
+        self._tied_weights_keys = (
+            {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"} if config.share_embeddings else {}
+        )
         self.post_init()
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
-        # transformers only ties when `tie_word_embeddings` is set; sharing encoder and decoder embeddings is a
-        # separate choice here, so the mapping is computed from the config.
+        # transformers ties only when `tie_word_embeddings` is set; sharing the encoder and decoder embeddings is a
+        # separate choice here, so the mapping set in __init__ from the config is used as it is.
         if all_submodels:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
-        if self.config.share_embeddings:
-            return {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
-        return {}
+        return dict(self._tied_weights_keys)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embed_tokens
@@ -441,16 +443,17 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
         self.lm_head = OutputLayer(
             config.hidden_size, config.embedding_size, config.vocab_size, tie=config.tie_word_embeddings
         )
+        # With shared embeddings the decoder's embedding is itself tied to the encoder's: point at the source.
+        source = "encoder" if config.share_embeddings else "decoder"
+        self._tied_weights_keys = (
+            {"lm_head.linear.weight": f"model.{source}.embed_tokens.weight"} if config.tie_word_embeddings else {}
+        )
         self.post_init()
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
         if all_submodels:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
-        if not self.config.tie_word_embeddings:
-            return {}
-        # With shared embeddings the decoder's embedding is itself tied to the encoder's: point at the source.
-        source = "encoder" if self.config.share_embeddings else "decoder"
-        return {"lm_head.linear.weight": f"model.{source}.embed_tokens.weight"}
+        return dict(self._tied_weights_keys)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

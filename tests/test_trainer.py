@@ -1,0 +1,135 @@
+"""Trainer and Seq2SeqTrainer: the loss goes down on a toy copy task, and gradient accumulation gives the same
+logged loss and the same weights as one big batch."""
+
+import pytest
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+from helpers import PAD, tiny_lm_config, tiny_seq2seq_config
+from rnn_seq2seq_hf import RNNLMForCausalLM, RNNSeq2SeqForConditionalGeneration
+
+
+def pad_batch(features: list[dict]) -> dict:
+    """Right-pad input_ids (with PAD, mask 0) and labels (with -100)."""
+    batch = {}
+    for key, fill in (("input_ids", PAD), ("labels", -100)):
+        width = max(len(f[key]) for f in features)
+        batch[key] = torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features])
+    width = batch["input_ids"].shape[1]
+    batch["attention_mask"] = torch.tensor(
+        [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+    )
+    return batch
+
+
+def copy_task(n: int, seed: int, vocab_size: int = 23) -> list[dict]:
+    """Source: random tokens; target: the same tokens followed by EOS (2). Lengths vary, so padding matters."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(2, 7, (1,), generator=generator))
+        tokens = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+        examples.append({"input_ids": tokens, "labels": tokens + [2]})
+    return examples
+
+
+def lm_task(n: int, seed: int) -> list[dict]:
+    """Counting sequences: each token is the previous one plus one (mod a range), easy to learn."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=generator))
+        start = int(torch.randint(3, 20, (1,), generator=generator))
+        tokens = [3 + (start + i) % 20 for i in range(length)]
+        examples.append({"input_ids": tokens, "labels": tokens})
+    return examples
+
+
+def training_args(cls, tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        max_steps=250,
+        logging_steps=25,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return cls(**values)
+
+
+def seq2seq_model(seed=0):
+    torch.manual_seed(seed)
+    config = tiny_seq2seq_config(initializer_range=0.1, hidden_size=64, embedding_size=32)
+    return RNNSeq2SeqForConditionalGeneration(config)
+
+
+def lm_model(seed=0):
+    torch.manual_seed(seed)
+    return RNNLMForCausalLM(tiny_lm_config(initializer_range=0.1, hidden_size=32, embedding_size=16))
+
+
+def logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_seq2seq_trainer_lowers_the_loss_on_a_copy_task(tmp_path):
+    trainer = Seq2SeqTrainer(
+        model=seq2seq_model(),
+        args=training_args(Seq2SeqTrainingArguments, tmp_path),
+        train_dataset=copy_task(512, seed=0),
+        data_collator=pad_batch,
+    )
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert len(losses) == 10
+    assert losses[-1] < 0.1 * losses[0], losses  # the copy task is learnt, not only the token frequencies
+
+
+def test_trainer_lowers_the_loss_of_the_language_model(tmp_path):
+    trainer = Trainer(
+        model=lm_model(),
+        args=training_args(TrainingArguments, tmp_path),
+        train_dataset=lm_task(256, seed=0),
+        data_collator=pad_batch,
+    )
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "lm"])
+def test_four_accumulated_batches_of_2_equal_one_batch_of_8(tmp_path, family):
+    make_model, data, trainer_cls, args_cls = (
+        (seq2seq_model, copy_task(8, seed=1), Seq2SeqTrainer, Seq2SeqTrainingArguments)
+        if family == "seq2seq"
+        else (lm_model, lm_task(8, seed=1), Trainer, TrainingArguments)
+    )
+    results = []
+    for batch_size, accumulation in ((8, 1), (2, 4)):
+        model = make_model()
+        trainer = trainer_cls(
+            model=model,
+            args=training_args(
+                args_cls,
+                tmp_path / f"{batch_size}",
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                max_steps=2,
+                logging_steps=1,
+            ),
+            train_dataset=data,
+            data_collator=pad_batch,
+        )
+        trainer.train()
+        results.append((logged_losses(trainer), {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (losses_big, weights_big), (losses_acc, weights_acc) = results
+    assert len(losses_big) == len(losses_acc) == 2
+    assert losses_acc == pytest.approx(losses_big, rel=1e-5, abs=1e-6)
+    for name, weight in weights_big.items():
+        torch.testing.assert_close(weights_acc[name], weight, atol=1e-5, rtol=1e-5, msg=name)
