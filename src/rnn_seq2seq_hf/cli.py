@@ -1,0 +1,344 @@
+"""The `rnn-seq2seq` command: demo, training, translation, evaluation and generation.
+
+Every subcommand has `--help`. A wrong path or argument prints one line on stderr and exits with status 2, without
+a traceback (set RNN_SEQ2SEQ_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+PROG = "rnn-seq2seq"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, reported as one line."""
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _load(model_dir: str, kind: str, device: str):
+    """Model and tokenizer from a folder written by training (or any folder/Hub id with both)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import rnn_seq2seq_hf  # noqa: F401  (registers the model types)
+
+    looks_local = model_dir.startswith(("/", ".", "~")) or model_dir.count("/") != 1  # Hub ids are "owner/name"
+    if looks_local and not Path(model_dir).expanduser().exists():
+        raise UsageError(f"--model {model_dir}: no such folder")
+    model_dir = str(Path(model_dir).expanduser()) if looks_local else model_dir
+    if Path(model_dir).is_dir() and not (Path(model_dir) / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: not a model folder (no config.json)")
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(model_dir)
+    except ValueError as error:
+        reason = str(error).splitlines()[0]
+        raise UsageError(f"--model {model_dir}: cannot load a {kind} model here ({reason})") from None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model.to(_device(device)).eval(), tokenizer
+
+
+def _generation_kwargs(args) -> dict:
+    """The generation options given on the command line (the rest come from the model's generation config)."""
+    names = ("num_beams", "max_new_tokens", "length_penalty", "do_sample", "temperature", "top_k", "top_p")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _read_text_lines(path: str) -> list[str]:
+    from .data import read_lines
+
+    return read_lines(path, allow_empty_lines=True)
+
+
+# --- subcommands ---------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, overrides=args.set)
+
+
+def _parallel(args, split: str, spec: str | None):
+    from .data import load_parallel, load_parallel_dataset
+
+    if args.dataset:
+        return load_parallel_dataset(args.dataset, split, args.source_lang, args.target_lang, args.dataset_config)
+    return load_parallel(spec, args.source_lang, args.target_lang) if spec else None
+
+
+def cmd_train_translation(args) -> None:
+    from .recipes import load_recipe
+    from .training import train_translation
+
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe["task"] != "translation":
+        raise UsageError(f"--recipe {args.recipe} is a {recipe['task']} recipe; use train-lm")
+    if not args.dataset and not (args.train and args.validation):
+        raise UsageError("give --train and --validation files, or --dataset")
+    train = _parallel(args, "train", args.train)
+    validation = _parallel(args, args.validation_split, args.validation)
+    test = _parallel(args, args.test_split, args.test) if (args.test or args.dataset and args.test_split) else None
+    metrics = train_translation(
+        recipe,
+        args.output_dir,
+        train,
+        validation,
+        test,
+        data_description=args.data_description or "",
+        dataset_name=args.dataset_name or args.dataset or "custom",
+        dataset_type=args.dataset or args.dataset_name or "custom",
+        languages=[args.source_lang, args.target_lang],
+    )
+    print(json.dumps({k: metrics[k] for k in ("bleu", "bleu_lowercase", "chrf", "exact_match", "split")}, indent=2))
+
+
+def cmd_train_lm(args) -> None:
+    from .data import read_lm_text, split_text
+    from .recipes import load_recipe
+    from .training import train_language_model
+
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe["task"] != "language_modeling":
+        raise UsageError(f"--recipe {args.recipe} is a {recipe['task']} recipe; use train-translation")
+    if args.dataset:
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(args.dataset, args.dataset_config)
+        except Exception as error:
+            raise UsageError(f"--dataset {args.dataset}: could not be loaded ({error})") from None
+        train_lines = list(loaded["train"][args.text_column])
+        validation_lines = list(loaded[args.validation_split][args.text_column])
+        test_lines = list(loaded[args.test_split][args.text_column]) if args.test_split in loaded else None
+    else:
+        if not args.train:
+            raise UsageError("give --train (and --validation or --validation-fraction), or --dataset")
+        train_lines = read_lm_text(args.train)
+        if args.validation:
+            validation_lines = read_lm_text(args.validation)
+        elif args.validation_fraction:
+            train_lines, validation_lines = split_text(train_lines, args.validation_fraction)
+        else:
+            raise UsageError("give --validation FILE or --validation-fraction F")
+        test_lines = read_lm_text(args.test) if args.test else None
+    metrics = train_language_model(
+        recipe,
+        args.output_dir,
+        train_lines,
+        validation_lines,
+        test_lines,
+        data_description=args.data_description or "",
+        dataset_name=args.dataset_name or args.dataset or "custom",
+        dataset_type=args.dataset or args.dataset_name or "custom",
+    )
+    print(json.dumps({k: v for k, v in metrics.items() if "perplexity" in k or "bits" in k}, indent=2))
+
+
+def cmd_translate(args) -> None:
+    from .inference import translate
+
+    model, tokenizer = _load(args.model, "seq2seq", args.device)
+    lines = [line.rstrip("\n").rstrip("\r") for line in sys.stdin]
+    outputs = translate(model, tokenizer, lines, batch_size=args.batch_size, **_generation_kwargs(args))
+    sys.stdout.write("".join(output.replace("\n", " ") + "\n" for output in outputs))
+
+
+def cmd_evaluate(args) -> None:
+    from .inference import translate
+    from .metrics import translation_scores
+
+    sources, references = _read_text_lines(args.source), _read_text_lines(args.reference)
+    if len(sources) != len(references):
+        raise UsageError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(references)}")
+    model, tokenizer = _load(args.model, "seq2seq", args.device)
+    outputs = translate(
+        model, tokenizer, sources, batch_size=args.batch_size, progress=True, **_generation_kwargs(args)
+    )
+    scores = {"sentences": len(sources), **translation_scores(outputs, references)}
+    if args.output:
+        Path(args.output).write_text("\n".join(outputs) + "\n")
+    print(json.dumps(scores, indent=2))
+
+
+def cmd_evaluate_lm(args) -> None:
+    from tokenizers import decoders
+
+    from .data import lm_token_stream, read_lm_text
+    from .inference import evaluate_perplexity
+
+    lines = read_lm_text(args.text)
+    model, tokenizer = _load(args.model, "lm", args.device)
+    per_line = not isinstance(tokenizer.backend_tokenizer.decoder, decoders.Fuse)  # character models read streams
+    stream = lm_token_stream(lines, tokenizer, per_line)
+    scores = evaluate_perplexity(model, stream, args.batch_size, args.block_size, progress=True)
+    print(json.dumps(scores, indent=2))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    model, tokenizer = _load(args.model, "lm", args.device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    encoded = tokenizer([args.prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
+    if encoded["input_ids"].shape[1] == 0:
+        raise UsageError("--prompt is empty after tokenization; give at least one character")
+    generated = model.generate(**encoded, num_return_sequences=args.num_return_sequences, **_generation_kwargs(args))
+    for sequence in generated:
+        print(tokenizer.decode(sequence, skip_special_tokens=True))
+        if args.num_return_sequences > 1:
+            print("---")
+
+
+def cmd_presets(args) -> None:
+    from .recipes import available_presets, find_recipe_file, load_recipe
+
+    for name in available_presets():
+        recipe = load_recipe(name)
+        first_line = str(recipe.get("description", "")).strip().split(". ")[0]
+        print(f"{name:<28} {recipe['task']:<18} {first_line[:70]}  ({find_recipe_file(name)})")
+
+
+# --- parser --------------------------------------------------------------------------------------------------------
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, sampling: bool) -> None:
+    group = parser.add_argument_group("generation (defaults: the model's generation config)")
+    group.add_argument("--num-beams", type=int, help="beam size (1 = greedy)")
+    group.add_argument("--max-new-tokens", type=int, help="longest output in tokens")
+    group.add_argument("--length-penalty", type=float, help="beam score = log p / length ** penalty")
+    if sampling:
+        group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of searching")
+        group.add_argument("--temperature", type=float)
+        group.add_argument("--top-k", type=int)
+        group.add_argument("--top-p", type=float)
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="a preset name (see `rnn-seq2seq presets`) or a YAML file")
+    parser.add_argument("--output-dir", required=True, help="folder for the model, metrics and figures")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)"
+    )
+    parser.add_argument("--dataset", help="a `datasets` name or local folder instead of files")
+    parser.add_argument("--dataset-config", help="configuration name of --dataset")
+    parser.add_argument("--validation-split", default="validation", help="split of --dataset used for validation")
+    parser.add_argument("--test-split", default="test", help="split of --dataset used for the final scores")
+    parser.add_argument("--dataset-name", help="name of the data in the model card")
+    parser.add_argument("--data-description", help="description of the data in the model card")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="RNN language models and attention Seq2Seq models.")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = subcommands.add_parser("demo", help="train and evaluate the date-rewriting demo (about 2 minutes)")
+    demo.add_argument("--output-dir", required=True, help="folder for model/, metrics.json, attention.png")
+    demo.add_argument("--quick", action="store_true", help="a few seconds' version (pipeline check, low accuracy)")
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
+    demo.set_defaults(func=cmd_demo)
+
+    train = subcommands.add_parser(
+        "train-translation",
+        help="train a translation model from a recipe and parallel data",
+        description="Parallel data: 'source_file,target_file' (one sentence per line), a .tsv file "
+        "(source<TAB>target) or a .jsonl file ({'de': ..., 'en': ...}); or --dataset NAME.",
+    )
+    _add_training_options(train)
+    train.add_argument("--train", help="training data: 'src_file,tgt_file', a .tsv or a .jsonl file")
+    train.add_argument("--validation", help="validation data, same forms")
+    train.add_argument("--test", help="test data, same forms (scored at the end)")
+    train.add_argument("--source-lang", default="src", help="source language code (JSON keys, model card)")
+    train.add_argument("--target-lang", default="tgt", help="target language code")
+    train.set_defaults(func=cmd_train_translation)
+
+    lm = subcommands.add_parser("train-lm", help="train a language model from a recipe and text files")
+    _add_training_options(lm)
+    lm.add_argument("--train", help="training text file")
+    lm.add_argument("--validation", help="validation text file")
+    lm.add_argument("--validation-fraction", type=float, help="without --validation: hold out the end of --train")
+    lm.add_argument("--test", help="test text file (scored at the end)")
+    lm.add_argument("--text-column", default="text", help="column of --dataset holding the text")
+    lm.set_defaults(func=cmd_train_lm)
+
+    translate = subcommands.add_parser(
+        "translate", help="translate stdin to stdout, one sentence per line, in order (empty line -> empty line)"
+    )
+    translate.add_argument("--model", required=True, help="model folder (or Hub id)")
+    translate.add_argument("--batch-size", type=int, default=32)
+    translate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _add_generation_options(translate, sampling=False)
+    translate.set_defaults(func=cmd_translate)
+
+    evaluate = subcommands.add_parser("evaluate", help="BLEU and chrF of a translation model on a file pair")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--source", required=True, help="source sentences, one per line")
+    evaluate.add_argument("--reference", required=True, help="reference translations, one per line")
+    evaluate.add_argument("--output", help="also write the translations to this file")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="auto")
+    _add_generation_options(evaluate, sampling=False)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    evaluate_lm = subcommands.add_parser("evaluate-lm", help="perplexity of a language model on a text file")
+    evaluate_lm.add_argument("--model", required=True)
+    evaluate_lm.add_argument("--text", required=True)
+    evaluate_lm.add_argument("--batch-size", type=int, default=10, help="parallel streams")
+    evaluate_lm.add_argument("--block-size", type=int, default=70, help="tokens per forward call (state carried)")
+    evaluate_lm.add_argument("--device", default="auto")
+    evaluate_lm.set_defaults(func=cmd_evaluate_lm)
+
+    generate = subcommands.add_parser("generate", help="continue a prompt with a language model")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--num-return-sequences", type=int, default=1)
+    generate.add_argument("--seed", type=int, help="random seed for sampling")
+    generate.add_argument("--device", default="auto")
+    _add_generation_options(generate, sampling=True)
+    generate.set_defaults(func=cmd_generate)
+
+    presets = subcommands.add_parser("presets", help="list the training presets")
+    presets.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "num_beams", "max_new_tokens", "block_size", "num_return_sequences"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except (UsageError, ValueError, OSError, KeyError) as error:
+        if os.environ.get("RNN_SEQ2SEQ_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Every `rnn-seq2seq` subcommand end to end on tiny data (a few training steps), and its error handling."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from rnn_seq2seq_hf.cli import main
+
+PAIRS = [
+    ("ein hund läuft", "a dog runs"),
+    ("zwei katzen schlafen", "two cats sleep"),
+    ("ein mann liest", "a man reads"),
+    ("eine frau singt", "a woman sings"),
+] * 8
+LM_TEXT = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 10
+
+TINY_TRANSLATION_RECIPE = """
+name: tiny-translation
+task: translation
+description: A tiny test recipe.
+tokenizer: {kind: bpe, vocab_size: 60}
+model: {embedding_size: 16, hidden_size: 16, encoder_layers: 1, decoder_layers: 1, attention_type: dot}
+training: {max_steps: 6, per_device_train_batch_size: 8, learning_rate: 0.01, logging_steps: 2, eval_strategy: steps,
+           eval_steps: 3, save_steps: 3, report_to: [], disable_tqdm: true}
+generation: {num_beams: 2, max_new_tokens: 8}
+data: {max_source_length: 20, max_target_length: 20}
+early_stopping_patience: 2
+"""
+TINY_LM_RECIPE = """
+name: tiny-lm
+task: language_modeling
+tokenizer: {kind: KIND, vocab_size: null}
+model: {embedding_size: 16, hidden_size: 16, num_hidden_layers: 1, cell_type: gru}
+training: {max_steps: 6, per_device_train_batch_size: 4, learning_rate: 0.01, logging_steps: 2, report_to: [],
+           disable_tqdm: true}
+data: {block_size: 8}
+evaluation: {batch_size: 2, block_size: 5}
+sample: {prompt: "the", max_new_tokens: 5, num_samples: 2}
+"""
+
+
+def run_cli(*args, stdin=None):
+    """The installed console script in a fresh process (what a user types)."""
+    command = [
+        shutil.which("rnn-seq2seq") or sys.executable,
+        *([] if shutil.which("rnn-seq2seq") else ["-m", "rnn_seq2seq_hf.cli"]),
+    ]
+    return subprocess.run([*command, *args], input=stdin, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def translation_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("translation")
+    (root / "train.de").write_text("".join(s + "\n" for s, _ in PAIRS))
+    (root / "train.en").write_text("".join(t + "\n" for _, t in PAIRS))
+    (root / "valid.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS[:4]))
+    (root / "test.jsonl").write_text("".join(json.dumps({"de": s, "en": t}) + "\n" for s, t in PAIRS[:4]))
+    (root / "recipe.yaml").write_text(TINY_TRANSLATION_RECIPE)
+    code = main(
+        [
+            "train-translation",
+            "--recipe", str(root / "recipe.yaml"),
+            "--output-dir", str(root / "out"),
+            "--train", f"{root / 'train.de'},{root / 'train.en'}",
+            "--validation", str(root / "valid.tsv"),
+            "--test", str(root / "test.jsonl"),
+            "--source-lang", "de",
+            "--target-lang", "en",
+            "--set", "training.learning_rate=0.02",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return root
+
+
+def test_train_translation_writes_a_model_that_reloads(translation_model):
+    out = translation_model / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"bleu", "bleu_lowercase", "chrf", "exact_match"} <= metrics.keys() and metrics["split"] == "test"
+    for name in ("loss.png", "attention.png", "test_translations.txt", "model/README.md", "model/model.safetensors"):
+        assert (out / name).is_file(), name
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.attention_type == "dot" and model.generation_config.num_beams == 2
+    assert model.config.vocab_size == len(tokenizer) and model.config.use_cache
+    assert (out / "test_translations.txt").read_text().count("\n") == 4
+
+
+def test_translate_reads_stdin_and_keeps_order_and_empty_lines(translation_model):
+    model_dir = str(translation_model / "out" / "model")
+    result = run_cli("translate", "--model", model_dir, "--num-beams", "3", "--batch-size", "2",
+                     stdin="ein hund läuft\n\nzwei katzen schlafen\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = model.generate(**tokenizer(["zwei katzen schlafen"], return_tensors="pt"), num_beams=3)
+    assert lines[2] == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+
+
+def test_evaluate_prints_bleu_and_chrf(translation_model, capsys, tmp_path):
+    (tmp_path / "src").write_text("".join(s + "\n" for s, _ in PAIRS[:4]))
+    (tmp_path / "ref").write_text("".join(t + "\n" for _, t in PAIRS[:4]))
+    code = main(["evaluate", "--model", str(translation_model / "out" / "model"), "--source", str(tmp_path / "src"),
+                 "--reference", str(tmp_path / "ref"), "--output", str(tmp_path / "hyp")])  # fmt: skip
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["sentences"] == 4 and {"bleu", "chrf", "exact_match"} <= scores.keys()
+    assert len((tmp_path / "hyp").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("kind", ["word", "char"])
+def test_train_lm_then_evaluate_lm_and_generate(tmp_path, capsys, kind):
+    (tmp_path / "recipe.yaml").write_text(TINY_LM_RECIPE.replace("KIND", kind))
+    (tmp_path / "train.txt").write_text("\n".join(LM_TEXT) + "\n")
+    (tmp_path / "test.txt").write_text("the cat sat on the log\n")
+    code = main(["train-lm", "--recipe", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "out"),
+                 "--train", str(tmp_path / "train.txt"), "--validation-fraction", "0.2",
+                 "--test", str(tmp_path / "test.txt")])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["test_perplexity"] > 1 and metrics["tokenizer"] == kind
+    assert (tmp_path / "out" / "samples.txt").read_text().strip()
+    model_dir = tmp_path / "out" / "model"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(model_dir), torch.nn.Module)
+    capsys.readouterr()
+
+    assert main(["evaluate-lm", "--model", str(model_dir), "--text", str(tmp_path / "test.txt"),
+                 "--batch-size", "1"]) == 0  # fmt: skip
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["perplexity"] == pytest.approx(metrics["test_perplexity"], rel=0.05)
+
+    assert main(["generate", "--model", str(model_dir), "--prompt", "the", "--max-new-tokens", "4", "--do-sample",
+                 "--seed", "1", "--num-return-sequences", "2"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.count("---") == 2
+
+
+def test_presets_lists_the_shipped_recipes(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("demo_dates", "multi30k_de_en_cpu", "multi30k_en_de_cpu", "ptb_word_cpu", "shakespeare_char_cpu"):
+        assert name in listed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["translate", "--model", "/no/such/dir"], "no such folder"),
+        (["evaluate", "--model", "x", "--source", "/no/src", "--reference", "/no/ref"], "/no/src: no such file"),
+        (
+            ["train-translation", "--recipe", "nope", "--output-dir", "o", "--train", "a,b", "--validation", "c"],
+            "unknown preset 'nope'",
+        ),
+        (["train-lm", "--recipe", "demo_dates", "--output-dir", "o", "--train", "t"], "is a translation recipe"),
+        (["translate", "--model", ".", "--num-beams", "0"], "--num-beams must be >= 1"),
+        (["demo", "--output-dir", "o", "--set", "nonsense"], "must look like section.key=value"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args, message, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    errors = capsys.readouterr().err
+    assert "Traceback" not in errors and message in errors
+    assert len([line for line in errors.splitlines() if "error" in line]) == 1
+
+
+def test_installed_command_reports_a_bad_path_in_one_line():
+    result = run_cli("evaluate-lm", "--model", "./missing-model", "--text", "x.txt")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rnn-seq2seq evaluate-lm: error: x.txt: no such file"
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("demo", "train-translation", "train-lm", "translate", "evaluate", "evaluate-lm", "generate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert f"usage: rnn-seq2seq {command}" in capsys.readouterr().out

@@ -1,0 +1,97 @@
+"""Tokenizer training, saving and reloading; PTB's standard 10k vocabulary."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from rnn_seq2seq_hf.tokenization import SPECIAL_TOKENS, train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SENTENCES = [
+    "Ein Mann fährt Fahrrad.",
+    "A man rides a bike.",
+    "Zwei Hunde spielen im Schnee.",
+    "Two dogs play in the snow.",
+] * 20
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "word", "char"])
+def test_special_tokens_come_first_and_texts_end_with_eos(kind):
+    tokenizer = train_tokenizer(SENTENCES, kind=kind, vocab_size=60 if kind in ("bpe", "unigram") else None)
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
+    ids = tokenizer("Ein Mann")["input_ids"]
+    assert ids[-1] == 2 and 2 not in tokenizer("Ein Mann", add_special_tokens=False)["input_ids"]
+    assert tokenizer.model_input_names == ["input_ids", "attention_mask"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_subword_tokenizers_decode_to_the_original_text(kind):
+    tokenizer = train_tokenizer(SENTENCES, kind=kind, vocab_size=80)
+    for sentence in SENTENCES[:4] + ["Ein Hund fährt im Schnee."]:
+        assert tokenizer.decode(tokenizer(sentence)["input_ids"], skip_special_tokens=True) == sentence
+
+
+def test_character_tokenizer_keeps_newlines_and_spaces():
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    tokenizer = train_tokenizer([text], kind="char", vocab_size=None)
+    assert len(tokenizer) == len(set(text)) + 4
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
+
+
+def test_word_tokenizer_vocabulary_limit_and_unknown_words():
+    tokenizer = train_tokenizer(["a a a b b c", "a b d"], kind="word", vocab_size=6)  # 4 special + 2 words
+    assert len(tokenizer) == 6
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a b c zzz")["input_ids"]) == ["a", "b", "<unk>", "<unk>", "</s>"]
+    assert train_tokenizer(["x y y"], kind="word", vocab_size=None, min_frequency=2).get_vocab().keys() >= {"y"}
+    assert "x" not in train_tokenizer(["x y y"], kind="word", vocab_size=None, min_frequency=2).get_vocab()
+
+
+def test_lowercase_option():
+    tokenizer = train_tokenizer(["Hello World"], kind="word", vocab_size=None, lowercase=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("HELLO world")["input_ids"]) == ["hello", "world", "</s>"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "word", "char"])
+def test_save_and_reload_with_auto_tokenizer(tmp_path, kind):
+    tokenizer = train_tokenizer(SENTENCES, kind=kind, vocab_size=70 if kind == "bpe" else None)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    batch = ["Zwei Männer spielen.", "A dog."]
+    assert reloaded(batch, padding=True)["input_ids"] == tokenizer(batch, padding=True)["input_ids"]
+    assert reloaded.decode(reloaded(batch[0])["input_ids"], skip_special_tokens=True) == tokenizer.decode(
+        tokenizer(batch[0])["input_ids"], skip_special_tokens=True
+    )
+    assert reloaded.pad_token_id == 0 and reloaded.eos_token_id == 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        train_tokenizer(SENTENCES, kind="wordpiece")
+    with pytest.raises(ValueError, match="needs a `vocab_size`"):
+        train_tokenizer(SENTENCES, kind="bpe", vocab_size=None)
+    with pytest.raises(ValueError, match="larger than the 4 special tokens"):
+        train_tokenizer(SENTENCES, kind="word", vocab_size=4)
+
+
+def test_penn_treebank_gives_the_standard_10k_vocabulary():
+    """The 9,999 words of ptb.train.txt (its <unk> is our unknown token) plus the end of sentence: 10,000 tokens
+    that can be predicted, as in every published PTB perplexity; <pad> and <s> are never targets."""
+    lines = (SHARED / "ptb" / "ptb.train.txt").read_text().splitlines()
+    tokenizer = train_tokenizer(lines, kind="word", vocab_size=None)
+    predictable = set(tokenizer.get_vocab()) - {"<pad>", "<s>"}
+    assert len(predictable) == 10_000
+    words = {word for line in lines for word in line.split()}
+    assert predictable == (words - {"<unk>"}) | {"<unk>", "</s>"}
+    test_ids = [
+        i for line in (SHARED / "ptb" / "ptb.test.txt").read_text().splitlines() for i in tokenizer(line)["input_ids"]
+    ]
+    assert len(test_ids) == 82_430  # 78,669 words + 3,761 sentence ends, the standard PTB test size
