@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train and evaluate the CPU presets on the data in ../shared/data, one after the other, and keep what each run
+# reports (metrics.json, loss.png, attention.png, samples, test translations, the model card) in results/.
+#   bash examples/run_real_data.sh [multi30k_de_en multi30k_en_de ptb shakespeare]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs}
+jobs=("$@")
+[ ${#jobs[@]} -eq 0 ] && jobs=(multi30k_de_en multi30k_en_de ptb shakespeare)
+
+keep() {  # copy the small outputs of run $1 into results/$1
+  mkdir -p "results/$1"
+  for f in metrics.json loss.png attention.png samples.txt test_translations.txt; do
+    [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "results/$1/"
+  done
+  cp "$RUNS/$1/model/README.md" "results/$1/model_card.md"
+}
+
+for job in "${jobs[@]}"; do
+  start=$(date +%s)
+  case $job in
+    multi30k_de_en|multi30k_en_de)
+      src=${job:9:2}; tgt=${job:12:2}; M=$DATA/multi30k
+      rnn-seq2seq train-translation --recipe "${job}_cpu" --output-dir "$RUNS/$job" \
+        --train "$M/train.$src,$M/train.$tgt" --validation "$M/val.$src,$M/val.$tgt" \
+        --test "$M/test_2016_flickr.$src,$M/test_2016_flickr.$tgt" --source-lang "$src" --target-lang "$tgt" \
+        --dataset-name "Multi30k test_2016_flickr" --set training.disable_tqdm=true \
+        --data-description "Multi30k (WMT16 multimodal task 1) training split, 29,000 sentence pairs, raw text." ;;
+    ptb)
+      rnn-seq2seq train-lm --recipe ptb_word_cpu --output-dir "$RUNS/$job" --train "$DATA/ptb/ptb.train.txt" \
+        --validation "$DATA/ptb/ptb.valid.txt" --test "$DATA/ptb/ptb.test.txt" --dataset-name "Penn Treebank" \
+        --set training.disable_tqdm=true \
+        --data-description "Penn Treebank, Mikolov's preprocessing (ptb.train.txt, 887,521 words, 10k vocabulary)." ;;
+    shakespeare)
+      rnn-seq2seq train-lm --recipe shakespeare_char_cpu --output-dir "$RUNS/$job" \
+        --train "$DATA/tinyshakespeare/input.txt" --validation-fraction 0.1 --dataset-name "Tiny Shakespeare" \
+        --set training.disable_tqdm=true \
+        --data-description "Tiny Shakespeare (char-rnn), first 90% of the lines; validation is the last 10%." ;;
+    *) echo "unknown job $job" >&2; exit 2 ;;
+  esac
+  echo "$job: $(( $(date +%s) - start )) s wall" | tee -a "$RUNS/timings.txt"
+  keep "$job"
+done
