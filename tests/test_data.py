@@ -114,14 +114,10 @@ def test_tokenize_parallel_adds_eos_and_drops_only_long_pairs():
 
 def test_lm_stream_per_line_and_as_characters():
     lines = ["a b", "c"]
-    word = train_tokenizer(lines, kind="word", vocab_size=None)
-    assert word.convert_ids_to_tokens(lm_token_stream(lines, word, per_line=True).tolist()) == [
-        "a",
-        "b",
-        "</s>",
-        "c",
-        "</s>",
-    ]
+    word = train_tokenizer(lines, kind="word", vocab_size=None, add_eos=False)
+    assert word("a b")["input_ids"] == [word.convert_tokens_to_ids("▁a"), word.convert_tokens_to_ids("▁b")]
+    stream = word.convert_ids_to_tokens(lm_token_stream(lines, word, per_line=True).tolist())
+    assert stream == ["▁a", "▁b", "</s>", "▁c", "</s>"]
     char = train_tokenizer(["a b\nc\n"], kind="char", vocab_size=None)
     assert char.decode(lm_token_stream(lines, char, per_line=False).tolist()) == "a b\nc\n"
 

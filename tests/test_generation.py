@@ -332,3 +332,19 @@ def test_assisted_decoding_is_refused_for_stateful_models():
     model = make_lm()
     with pytest.raises(ValueError, match="stateful"):
         model.generate(input_ids=torch.tensor([[5, 6]]), assistant_model=make_lm(seed=1), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("input_to_output", [False, True])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_lm_right_padded_prompts_generate_like_left_padded_ones(cell, input_to_output, num_beams):
+    """Logits at padding repeat the last real position and the state skips padding, so right padding is safe."""
+    model = make_lm(cell_type=cell, input_to_output=input_to_output)
+    kwargs = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    left_ids, left_mask = left_padded(PROMPTS)
+    left = generated_rows(model.generate(input_ids=left_ids, attention_mask=left_mask, **kwargs), left_ids.shape[1])
+    right_ids, right_mask = right_padded(PROMPTS)
+    right = generated_rows(
+        model.generate(input_ids=right_ids, attention_mask=right_mask, **kwargs), right_ids.shape[1]
+    )
+    assert right == left

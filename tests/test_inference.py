@@ -35,7 +35,7 @@ def test_translate_keeps_order_handles_empty_lines_and_equals_one_by_one(tokeniz
 def test_attention_weights_for_a_translation(tokenizer):
     model = make_seq2seq(attention_type="bahdanau")
     weights, source_tokens, target_tokens = attention_weights(model, tokenizer, "a b c", "d e")
-    assert source_tokens == ["a", "b", "c", "</s>"] and target_tokens == ["d", "e", "</s>"]
+    assert source_tokens == ["▁a", "▁b", "▁c", "</s>"] and target_tokens == ["▁d", "▁e", "</s>"]
     assert weights.shape == (3, 4)
     np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="no attention"):

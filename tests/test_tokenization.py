@@ -50,14 +50,29 @@ def test_character_tokenizer_keeps_newlines_and_spaces():
 def test_word_tokenizer_vocabulary_limit_and_unknown_words():
     tokenizer = train_tokenizer(["a a a b b c", "a b d"], kind="word", vocab_size=6)  # 4 special + 2 words
     assert len(tokenizer) == 6
-    assert tokenizer.convert_ids_to_tokens(tokenizer("a b c zzz")["input_ids"]) == ["a", "b", "<unk>", "<unk>", "</s>"]
-    assert train_tokenizer(["x y y"], kind="word", vocab_size=None, min_frequency=2).get_vocab().keys() >= {"y"}
-    assert "x" not in train_tokenizer(["x y y"], kind="word", vocab_size=None, min_frequency=2).get_vocab()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a b c zzz")["input_ids"]) == [
+        "▁a",
+        "▁b",
+        "<unk>",
+        "<unk>",
+        "</s>",
+    ]
+    assert tokenizer.decode(tokenizer("a b")["input_ids"], skip_special_tokens=True) == " a b"
+    frequent = train_tokenizer(["x y y"], kind="word", vocab_size=None, min_frequency=2).get_vocab()
+    assert "▁y" in frequent and "▁x" not in frequent
+
+
+def test_language_model_tokenizers_encode_prompts_as_they_are():
+    tokenizer = train_tokenizer(SENTENCES, kind="word", vocab_size=None, add_eos=False, padding_side="left")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Ein Mann")["input_ids"]) == ["▁Ein", "▁Mann"]
+    assert tokenizer(["Ein", "Ein Mann"], padding=True)["input_ids"][0][0] == tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="padding_side"):
+        train_tokenizer(SENTENCES, kind="word", padding_side="middle")
 
 
 def test_lowercase_option():
     tokenizer = train_tokenizer(["Hello World"], kind="word", vocab_size=None, lowercase=True)
-    assert tokenizer.convert_ids_to_tokens(tokenizer("HELLO world")["input_ids"]) == ["hello", "world", "</s>"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("HELLO world")["input_ids"]) == ["▁hello", "▁world", "</s>"]
 
 
 @pytest.mark.parametrize("kind", ["bpe", "word", "char"])
@@ -87,10 +102,10 @@ def test_penn_treebank_gives_the_standard_10k_vocabulary():
     that can be predicted, as in every published PTB perplexity; <pad> and <s> are never targets."""
     lines = (SHARED / "ptb" / "ptb.train.txt").read_text().splitlines()
     tokenizer = train_tokenizer(lines, kind="word", vocab_size=None)
-    predictable = set(tokenizer.get_vocab()) - {"<pad>", "<s>"}
+    predictable = {token.removeprefix("▁") for token in tokenizer.get_vocab()} - {"<pad>", "<s>"}
     assert len(predictable) == 10_000
     words = {word for line in lines for word in line.split()}
-    assert predictable == (words - {"<unk>"}) | {"<unk>", "</s>"}
+    assert predictable == words | {"</s>"}
     test_ids = [
         i for line in (SHARED / "ptb" / "ptb.test.txt").read_text().splitlines() for i in tokenizer(line)["input_ids"]
     ]

@@ -103,8 +103,12 @@ def cmd_train_translation(args) -> None:
         dataset_name=args.dataset_name or args.dataset or "custom",
         dataset_type=args.dataset or args.dataset_name or "custom",
         languages=[args.source_lang, args.target_lang],
+        engine=args.engine,
     )
+    if not metrics:  # not the main process of a distributed run
+        return
     print(json.dumps({k: metrics[k] for k in ("bleu", "bleu_lowercase", "chrf", "exact_match", "split")}, indent=2))
+    _push_after_training(args)
 
 
 def cmd_train_lm(args) -> None:
@@ -145,8 +149,20 @@ def cmd_train_lm(args) -> None:
         data_description=args.data_description or "",
         dataset_name=args.dataset_name or args.dataset or "custom",
         dataset_type=args.dataset or args.dataset_name or "custom",
+        engine=args.engine,
     )
+    if not metrics:  # not the main process of a distributed run
+        return
     print(json.dumps({k: v for k, v in metrics.items() if "perplexity" in k or "bits" in k}, indent=2))
+    _push_after_training(args)
+
+
+def _push_after_training(args) -> None:
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(Path(args.output_dir) / "model", args.push_to_hub, private=args.private or None)
+        print(f"pushed {Path(args.output_dir) / 'model'} to {args.push_to_hub}: {url}", file=sys.stderr)
 
 
 def cmd_translate(args) -> None:
@@ -191,6 +207,7 @@ def cmd_evaluate_lm(args) -> None:
 
 def cmd_generate(args) -> None:
     import torch
+    from tokenizers import decoders
 
     model, tokenizer = _load(args.model, "lm", args.device)
     if args.seed is not None:
@@ -199,10 +216,21 @@ def cmd_generate(args) -> None:
     if encoded["input_ids"].shape[1] == 0:
         raise UsageError("--prompt is empty after tokenization; give at least one character")
     generated = model.generate(**encoded, num_return_sequences=args.num_return_sequences, **_generation_kwargs(args))
+    word_level = not isinstance(tokenizer.backend_tokenizer.decoder, decoders.Fuse)
     for sequence in generated:
-        print(tokenizer.decode(sequence, skip_special_tokens=True))
+        text = tokenizer.decode(sequence, skip_special_tokens=True)
+        print(text.strip() if word_level else text)  # words decode with a leading space
         if args.num_return_sequences > 1:
             print("---")
+
+
+def cmd_push(args) -> None:
+    from .hub import push_folder
+
+    if not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such folder")
+    url = push_folder(args.model, args.repo_id, private=args.private or None, commit_message=args.commit_message)
+    print(url)
 
 
 def cmd_presets(args) -> None:
@@ -241,6 +269,15 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-split", default="test", help="split of --dataset used for the final scores")
     parser.add_argument("--dataset-name", help="name of the data in the model card")
     parser.add_argument("--data-description", help="description of the data in the model card")
+    parser.add_argument(
+        "--engine",
+        choices=["trainer", "accelerate"],
+        default="trainer",
+        help="Trainer (default) or the Accelerate loop (crash-safe checkpoints, exact resume); both run data-parallel "
+        "under torchrun / accelerate launch",
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="after training, push OUTPUT_DIR/model to the Hub")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto")
     _add_generation_options(generate, sampling=True)
     generate.set_defaults(func=cmd_generate)
+
+    push = subcommands.add_parser(
+        "push", help="push a model folder (model, tokenizer, card, figures) to the Hugging Face Hub"
+    )
+    push.add_argument("--model", required=True, help="folder written by training (OUTPUT_DIR/model)")
+    push.add_argument("--repo-id", required=True, help="owner/name on the Hub (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default="Upload model trained with rnn_seq2seq_hf")
+    push.set_defaults(func=cmd_push)
 
     presets = subcommands.add_parser("presets", help="list the training presets")
     presets.set_defaults(func=cmd_presets)

@@ -192,7 +192,7 @@ def lm_token_stream(lines: list[str], tokenizer: PreTrainedTokenizerBase, per_li
             a token to predict); otherwise encode the text with its newlines and no special tokens (character level).
     """
     if per_line:
-        encoded = tokenizer(lines)["input_ids"]
+        encoded = [ids + [tokenizer.eos_token_id] for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
     else:
         encoded = tokenizer(["\n".join(lines) + "\n"], add_special_tokens=False)["input_ids"]
     return np.fromiter((token for ids in encoded for token in ids), dtype=np.int64)

@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate import PartialState
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
@@ -37,6 +38,7 @@ from transformers import (
     set_seed,
 )
 
+from .accelerate_loop import LoopArguments, train_with_accelerate
 from .data import lm_blocks, lm_token_stream, tokenize_parallel
 from .inference import attention_weights, evaluate_perplexity, translate
 from .metrics import translation_scores
@@ -55,12 +57,10 @@ def default_report_to() -> list[str]:
 
 def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
     """Save model, tokenizer and generation config so the folder loads with the Auto classes, with the library
-    installed and, through `trust_remote_code=True`, without it (the modeling files are copied next to the weights).
+    installed and, through `trust_remote_code=True`, without it (importing the library marks the models for auto
+    class, so the modeling files are copied next to the weights).
     """
     folder = Path(folder)
-    auto_class = "AutoModelForSeq2SeqLM" if model.config.is_encoder_decoder else "AutoModelForCausalLM"
-    model.config.register_for_auto_class()
-    model.register_for_auto_class(auto_class)
     model.config.use_cache = True  # Trainer turns it off for training
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -90,49 +90,34 @@ def _write_json(path: Path, values: dict) -> None:
     path.write_text(json.dumps(values, indent=2, default=str) + "\n")
 
 
-def train_translation(
-    recipe: dict,
-    output_dir: str | Path,
-    train: datasets.Dataset,
-    validation: datasets.Dataset,
-    test: datasets.Dataset | None = None,
-    data_description: str = "",
-    dataset_name: str = "custom",
-    dataset_type: str = "custom",
-    languages: list[str] | None = None,
-) -> dict:
-    """Train a Seq2Seq model on `source`/`target` string datasets as the recipe says; returns the final metrics.
+def _check_engine(engine: str) -> None:
+    if engine not in ("trainer", "accelerate"):
+        raise ValueError(f"`engine` must be 'trainer' or 'accelerate', got {engine!r}")
 
-    Validation uses `predict_with_generate` (BLEU, chrF, exact match); the best checkpoint by validation BLEU is
-    kept, with early stopping. The test set (or the validation set without one) is then translated with the
-    recipe's generation settings and scored.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    training = dict(recipe.get("training", {}))
-    set_seed(training.get("seed", 42))
-    started = time.perf_counter()
 
-    tokenizer_settings = recipe.get("tokenizer", {})
-    tokenizer = train_tokenizer(list(train["source"]) + list(train["target"]), **tokenizer_settings)
-    data_settings = recipe.get("data", {})
-    train_features = tokenize_parallel(
-        train, tokenizer, data_settings.get("max_source_length"), data_settings.get("max_target_length")
+def _model_columns(dataset: datasets.Dataset) -> datasets.Dataset:
+    return dataset.select_columns([c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names])
+
+
+def _fit_with_accelerate(model, tokenizer, collator, training, output_dir, train_features, eval_features, scorer):
+    """Train with the Accelerate loop; returns (model, its arguments, log history)."""
+    loop_args = LoopArguments.from_training_section(str(output_dir / "checkpoints"), training)
+    model, state, _ = train_with_accelerate(
+        model,
+        _model_columns(train_features),
+        collator,
+        loop_args,
+        eval_dataset=_model_columns(eval_features) if eval_features is not None else None,
+        tokenizer=tokenizer,
+        compute_metrics=scorer,
     )
-    validation_features = tokenize_parallel(validation, tokenizer)
-    logger.info(
-        "%d training pairs (%d after length filtering), %d validation",
-        len(train),
-        len(train_features),
-        len(validation_features),
-    )
+    return model, loop_args, state.log_history
 
-    config = RNNSeq2SeqConfig(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **recipe.get("model", {}))
-    model = RNNSeq2SeqForConditionalGeneration(config)
-    generation = recipe.get("generation", {})
-    model.generation_config = GenerationConfig.from_model_config(config)
-    model.generation_config.update(**generation)
 
+def _fit_translation_with_trainer(
+    model, tokenizer, collator, recipe, training, output_dir, train_features, eval_features
+):
+    """Train with `Seq2SeqTrainer` (best checkpoint by validation BLEU); returns (model, arguments, log history)."""
     args = _training_arguments(
         Seq2SeqTrainingArguments,
         output_dir,
@@ -165,15 +150,105 @@ def train_translation(
         model=model,
         args=args,
         train_dataset=train_features,
-        eval_dataset=validation_features if args.eval_strategy != "no" else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        eval_dataset=eval_features if args.eval_strategy != "no" else None,
+        data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
     trainer.train()
+    return trainer.model, args, trainer.state.log_history
+
+
+def _fit_lm_with_trainer(model, tokenizer, collator, training, output_dir, train_blocks, validation_blocks):
+    """Train with `Trainer` (best checkpoint by validation loss); returns (model, arguments, log history)."""
+    args = _training_arguments(
+        TrainingArguments,
+        output_dir,
+        training,
+        dict(
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_total_limit=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            logging_steps=50,
+            report_to=default_report_to(),
+        ),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_blocks,
+        eval_dataset=validation_blocks if args.eval_strategy != "no" else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return trainer.model, args, trainer.state.log_history
+
+
+def train_translation(
+    recipe: dict,
+    output_dir: str | Path,
+    train: datasets.Dataset,
+    validation: datasets.Dataset,
+    test: datasets.Dataset | None = None,
+    data_description: str = "",
+    dataset_name: str = "custom",
+    dataset_type: str = "custom",
+    languages: list[str] | None = None,
+    engine: str = "trainer",
+) -> dict:
+    """Train a Seq2Seq model on `source`/`target` string datasets as the recipe says; returns the final metrics.
+
+    With `engine="trainer"` (`Seq2SeqTrainer`), validation uses `predict_with_generate` (BLEU, chrF, exact match)
+    and the best checkpoint by validation BLEU is kept, with early stopping. With `engine="accelerate"` the
+    data-parallel loop of `accelerate_loop.py` trains (crash-safe checkpoints, exact resume) and validates at the
+    end. Either way the test set (or the validation set without one) is then translated with the recipe's
+    generation settings and scored, on the main process. Launch with `torchrun` / `accelerate launch` for several
+    processes; other processes return an empty dict.
+    """
+    _check_engine(engine)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    training = dict(recipe.get("training", {}))
+    set_seed(training.get("seed", 42))
+    started = time.perf_counter()
+
+    tokenizer_settings = recipe.get("tokenizer", {})
+    tokenizer = train_tokenizer(list(train["source"]) + list(train["target"]), **tokenizer_settings)
+    data_settings = recipe.get("data", {})
+    train_features = tokenize_parallel(
+        train, tokenizer, data_settings.get("max_source_length"), data_settings.get("max_target_length")
+    )
+    validation_features = tokenize_parallel(validation, tokenizer)
+    logger.info(
+        "%d training pairs (%d after length filtering), %d validation",
+        len(train),
+        len(train_features),
+        len(validation_features),
+    )
+
+    config = RNNSeq2SeqConfig(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **recipe.get("model", {}))
+    model = RNNSeq2SeqForConditionalGeneration(config)
+    generation = recipe.get("generation", {})
+    model.generation_config = GenerationConfig.from_model_config(config)
+    model.generation_config.update(**generation)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    if engine == "accelerate":
+        model, args, log_history = _fit_with_accelerate(
+            model, tokenizer, collator, training, output_dir, train_features, validation_features, translation_scores
+        )
+    else:
+        model, args, log_history = _fit_translation_with_trainer(
+            model, tokenizer, collator, recipe, training, output_dir, train_features, validation_features
+        )
     training_seconds = time.perf_counter() - started
-    model = trainer.model
+    if not PartialState().is_main_process:
+        return {}
 
     evaluation = test if test is not None else validation
     split_name = "test" if test is not None else "validation"
@@ -196,7 +271,7 @@ def train_translation(
         "recipe": recipe.get("source", ""),
     }
     _write_json(output_dir / "metrics.json", metrics)
-    plot_loss_curves(trainer.state.log_history, output_dir / "loss.png", title="translation model loss")
+    plot_loss_curves(log_history, output_dir / "loss.png", title="translation model loss")
 
     model_dir = output_dir / "model"
     save_model_folder(model, tokenizer, model_dir)
@@ -253,8 +328,11 @@ def train_language_model(
     data_description: str = "",
     dataset_name: str = "custom",
     dataset_type: str = "custom",
+    engine: str = "trainer",
 ) -> dict:
-    """Train an RNN LM with `Trainer` on fixed-size blocks; report stateful perplexity on validation and test."""
+    """Train an RNN LM on fixed-size blocks with `Trainer` (or the Accelerate loop, `engine="accelerate"`); report
+    stateful perplexity on validation and test from the main process."""
+    _check_engine(engine)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     training = dict(recipe.get("training", {}))
@@ -264,7 +342,9 @@ def train_language_model(
     tokenizer_settings = recipe.get("tokenizer", {})
     kind = tokenizer_settings.get("kind", "word")
     per_line = kind != "char"
-    tokenizer = train_tokenizer(train_lines if per_line else ["\n".join(train_lines)], **tokenizer_settings)
+    texts = train_lines if per_line else ["\n".join(train_lines)]
+    # prompts are encoded as they are (no </s>) and padded on the left, as transformers' pipelines expect
+    tokenizer = train_tokenizer(texts, padding_side="left", add_eos=False, **tokenizer_settings)
     data_settings = recipe.get("data", {})
     block_size = data_settings.get("block_size", 70)
     streams = {
@@ -277,32 +357,20 @@ def train_language_model(
 
     config = RNNLMConfig(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **recipe.get("model", {}))
     model = RNNLMForCausalLM(config)
-    args = _training_arguments(
-        TrainingArguments,
-        output_dir,
-        training,
-        dict(
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            save_total_limit=2,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            greater_is_better=False,
-            logging_steps=50,
-            report_to=default_report_to(),
-        ),
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=lm_blocks(streams["train"], block_size),
-        eval_dataset=lm_blocks(streams["validation"], block_size) if args.eval_strategy != "no" else None,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        processing_class=tokenizer,
-    )
-    trainer.train()
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    train_blocks = lm_blocks(streams["train"], block_size)
+    validation_blocks = lm_blocks(streams["validation"], block_size)
+    if engine == "accelerate":
+        model, args, log_history = _fit_with_accelerate(
+            model, tokenizer, collator, training, output_dir, train_blocks, validation_blocks, None
+        )
+    else:
+        model, args, log_history = _fit_lm_with_trainer(
+            model, tokenizer, collator, training, output_dir, train_blocks, validation_blocks
+        )
     training_seconds = time.perf_counter() - started
-    model = trainer.model
+    if not PartialState().is_main_process:
+        return {}
 
     evaluation = recipe.get("evaluation", {})
     results = {}
@@ -328,7 +396,7 @@ def train_language_model(
         "recipe": recipe.get("source", ""),
     }
     _write_json(output_dir / "metrics.json", metrics)
-    plot_loss_curves(trainer.state.log_history, output_dir / "loss.png", title="language model loss")
+    plot_loss_curves(log_history, output_dir / "loss.png", title="language model loss")
 
     model_dir = output_dir / "model"
     save_model_folder(model, tokenizer, model_dir)

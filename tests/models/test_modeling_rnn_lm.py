@@ -98,7 +98,7 @@ def test_base_model_and_outputs():
 def test_cache_detach_cuts_the_graph_for_truncated_bptt():
     model = make_lm()
     model.train()
-    out = model(input_ids=random_tokens(2, 5), labels=random_tokens(2, 5))
+    out = model(input_ids=random_tokens(2, 5), labels=random_tokens(2, 5), use_cache=True)
     out.loss.backward()
     cache = out.cache.detach_()
     out2 = model(input_ids=random_tokens(2, 5, seed=1), labels=random_tokens(2, 5, seed=1), cache=cache)

@@ -74,6 +74,7 @@ def test_fused_training_path_equals_step_by_step_reference(cell, attention, feed
             labels=labels,
             decoder_attention_mask=decoder_mask,
             output_attentions=True,
+            use_cache=True,
         )
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

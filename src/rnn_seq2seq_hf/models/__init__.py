@@ -11,6 +11,7 @@ from .modeling_rnn_seq2seq import (
     RNNSeq2SeqModel,
     RNNSeq2SeqPreTrainedModel,
 )
+from .pipeline_seq2seq import Seq2SeqGenerationPipeline
 
 __all__ = [
     "RNNCache",
@@ -23,4 +24,5 @@ __all__ = [
     "RNNSeq2SeqForConditionalGeneration",
     "RNNSeq2SeqModel",
     "RNNSeq2SeqPreTrainedModel",
+    "Seq2SeqGenerationPipeline",
 ]

@@ -108,8 +108,21 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.decoder_start_token_id = bos_token_id if decoder_start_token_id is None else decoder_start_token_id
         self.use_cache = use_cache
+        saved_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(is_encoder_decoder=is_encoder_decoder, **kwargs)
+        if saved_pipelines and not _library_installed_here(type(self)):
+            # Loaded with trust_remote_code: keep the entry so pipeline() finds the pipeline file of the repository.
+            # With the library, the task is registered locally and pipeline() needs no remote code.
+            self.custom_pipelines = saved_pipelines
         self.check_values()
+
+    def to_dict(self) -> dict:
+        # Every saved Seq2Seq checkpoint names its pipeline (see models/pipeline_seq2seq.py, which the modeling file
+        # imports, so save_pretrained copies it next to the weights).
+        return {**super().to_dict(), "custom_pipelines": _custom_pipelines()}
+
+    def to_diff_dict(self) -> dict:
+        return {**super().to_diff_dict(), "custom_pipelines": _custom_pipelines()}
 
     def check_values(self) -> None:
         """Raise a `ValueError` naming the first field whose value is unknown, out of range or inconsistent.
@@ -165,6 +178,21 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
     def encoder_hidden_size(self) -> int:
         """Units per direction of each encoder layer."""
         return self.hidden_size // 2 if self.bidirectional_encoder else self.hidden_size
+
+
+def _custom_pipelines() -> dict:
+    return {
+        "seq2seq-generation": {
+            "impl": "pipeline_seq2seq.Seq2SeqGenerationPipeline",
+            "pt": ["AutoModelForSeq2SeqLM"],
+            "type": "text",
+        }
+    }
+
+
+def _library_installed_here(config_class: type) -> bool:
+    """True when this class is the installed library's, not a checkpoint's copy (`transformers_modules.`)."""
+    return config_class.__module__.startswith("rnn_seq2seq_hf.")
 
 
 __all__ = ["RNNSeq2SeqConfig", "ATTENTION_TYPES", "BRIDGE_TYPES"]

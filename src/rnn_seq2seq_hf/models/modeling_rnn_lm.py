@@ -71,17 +71,20 @@ class RNNLMModel(RNNLMPreTrainedModel):
             input_ids: `[B, T]` token ids. Give either these or `inputs_embeds` (`[B, T, embedding_size]`).
             attention_mask: `[B, T]` (or `[B, P + T]` when continuing from a cache that has seen P positions),
                 1 for tokens and 0 for padding. Padding is skipped: it changes neither the state nor later outputs,
-                so left, right or middle padding all give the unpadded results. Outputs at padding are zero. A row
-                of padding only is an empty context: its state stays the initial (zero) state.
+                so left, right or middle padding all give the unpadded results. Outputs at padding are zero (the
+                LM head repeats the last real position's logits there). A row of padding only is an empty context:
+                its state stays the initial (zero) state.
             cache: an `RNNCache` from an earlier call, to continue from its state. It is updated in place.
-            use_cache: return the state as an `RNNCache` (default `config.use_cache`).
+            use_cache: return the state as an `RNNCache` (default: `config.use_cache`, but not in training mode).
             output_attentions: accepted for API compatibility; a recurrent LM has no attention.
             output_hidden_states: also return `(embeddings, outputs of the recurrent stack)`.
 
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, hidden_size]` and `cache`.
         """
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # in training the state is rarely wanted (truncated BPTT asks for it explicitly); not building it keeps
+        # Cache objects out of Trainer and DDP outputs
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -204,11 +207,13 @@ class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
-        hidden = outputs.last_hidden_state[:, keep]
+        mask = None if attention_mask is None else attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
+        hidden = repeat_last_real_position(outputs.last_hidden_state, mask)[:, keep]
         logits = self.lm_head(self.output_dropout(hidden))
         if self.input_to_output is not None:
             embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            logits = logits + self.input_to_output(self.model.embedding_dropout(embeddings[:, keep]))
+            embeddings = repeat_last_real_position(embeddings, mask)[:, keep]
+            logits = logits + self.input_to_output(self.model.embedding_dropout(embeddings))
 
         loss = None
         if labels is not None:
@@ -221,6 +226,20 @@ class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
         return result if return_dict else result.to_tuple()
+
+
+def repeat_last_real_position(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`values` `[B, T, D]` where every padding position repeats the last real position before it (zeros if none).
+
+    The logits at padding are then those of the last real token, so a right-padded prompt's last position predicts
+    the right next token and right-padded batches generate exactly like left-padded ones (the state skips padding).
+    """
+    if mask is None or values.shape[1] == 1:
+        return values
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(mask)
+    last_real = torch.where(mask, positions, -1).cummax(dim=1).values  # [B, T], -1 before the first real token
+    gathered = values.gather(1, last_real.clamp(min=0)[..., None].expand_as(values))
+    return gathered * (last_real >= 0)[..., None].to(values.dtype)
 
 
 __all__ = ["RNNLMForCausalLM", "RNNLMModel", "RNNLMPreTrainedModel"]

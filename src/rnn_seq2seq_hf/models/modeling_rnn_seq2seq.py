@@ -43,6 +43,7 @@ from .input_checks import (
     check_token_ids,
 )
 from .output_layer import OutputLayer
+from .pipeline_seq2seq import Seq2SeqGenerationPipeline  # noqa: F401  (imported so its file travels with checkpoints)
 from .pretrained import RecurrentPreTrainedModel
 from .recurrent import RecurrentStack, RNNState, state_to_batch_first
 
@@ -358,7 +359,9 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
             `Seq2SeqModelOutput` with `last_hidden_state` `[B, T, hidden_size]`, `cache`,
             `encoder_last_hidden_state`, and the optional attentions and hidden states.
         """
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # in training the state is rarely wanted (truncated BPTT asks for it explicitly); not building it keeps
+        # Cache objects out of Trainer and DDP outputs
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (

@@ -35,6 +35,13 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         model.realign_weights()
         return model
 
+    def flatten_recurrent_weights(self) -> None:
+        """Put each recurrent layer's weights back into one contiguous buffer (cuDNN's layout); call after moving
+        or wrapping the model (DDP) so cuDNN does not re-flatten, and warn, on every call."""
+        for module in self.modules():
+            if isinstance(module, nn.RNNBase):
+                module.flatten_parameters()
+
     @torch.no_grad()
     def realign_weights(self) -> None:
         """Give every parameter its own aligned memory and re-flatten the recurrent weights.
@@ -50,7 +57,7 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, nn.RNNBase):
                 module._init_flat_weights()
-                module.flatten_parameters()
+        self.flatten_recurrent_weights()
 
 
 __all__ = ["RecurrentPreTrainedModel"]

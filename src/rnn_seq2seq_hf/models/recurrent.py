@@ -98,7 +98,7 @@ class RecurrentStack(nn.Module):
             is the state after its last real token.
         """
         if state is None:
-            state = self.zero_state(inputs.shape[0], inputs.device, inputs.dtype)
+            state = self.zero_state(inputs.shape[0], inputs.device, self.rnn.weight_ih_l0.dtype)
         if mask is None:
             return self._run(inputs, state)
         if inputs.shape[1] == 1:
@@ -108,7 +108,17 @@ class RecurrentStack(nn.Module):
         return self._run_packed(inputs, state, mask)
 
     def _run(self, inputs: torch.Tensor | nn.utils.rnn.PackedSequence, state: RNNState):
-        outputs, final = self.rnn(inputs, state if self.is_lstm else state[0])
+        # Mixed-precision policy: the recurrence always runs in its weights' dtype (fp32 unless the model was cast),
+        # never in autocast's. Under bf16 autocast PyTorch would run cuDNN LSTM/GRU in fp16 without a gradient
+        # scaler, and errors would compound over time steps; the projections around the recurrence still autocast.
+        dtype = self.rnn.weight_ih_l0.dtype
+        if isinstance(inputs, nn.utils.rnn.PackedSequence):
+            inputs = inputs._replace(data=inputs.data.to(dtype))
+        else:
+            inputs = inputs.to(dtype)
+        state = tuple(tensor.to(dtype) for tensor in state)
+        with torch.autocast(device_type=self.rnn.weight_ih_l0.device.type, enabled=False):
+            outputs, final = self.rnn(inputs, state if self.is_lstm else state[0])
         return outputs, (tuple(final) if self.is_lstm else (final,))
 
     def _run_one_step(self, inputs: torch.Tensor, state: RNNState, mask: torch.Tensor):
