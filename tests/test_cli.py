@@ -185,3 +185,20 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0
         assert f"usage: rnn-seq2seq {command}" in capsys.readouterr().out
+
+
+def test_train_translation_with_the_accelerate_engine_checkpoints_and_resumes(translation_model, tmp_path):
+    root = translation_model
+    args = [
+        "train-translation", "--recipe", str(root / "recipe.yaml"), "--output-dir", str(tmp_path / "out"),
+        "--train", f"{root / 'train.de'},{root / 'train.en'}", "--validation", str(root / "valid.tsv"),
+        "--engine", "accelerate", "--set", "training.save_steps=3",
+    ]  # fmt: skip
+    assert main(args) == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["split"] == "validation" and "bleu" in metrics
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "model").config.attention_type == "dot"
+    # running it again finds the final checkpoint and only re-evaluates and re-saves
+    assert main(args) == 0

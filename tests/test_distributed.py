@@ -110,3 +110,14 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp
     assert not list(run_dir.glob(".tmp-*"))
     assert_same_weights(weights(reference), weights(crashed), tolerance=0)
     assert json.loads((crashed / "log.json").read_text()) == json.loads((reference / "log.json").read_text())
+
+
+def test_a_launch_that_accelerate_did_not_see_is_refused(monkeypatch, tmp_path):
+    """torchrun sets WORLD_SIZE; if accelerate still runs one process, every process would train alone."""
+    from loop_runner import build_model, tokenized_copy_task
+    from rnn_seq2seq_hf.accelerate_loop import LoopArguments, train_with_accelerate
+    from test_trainer import pad_batch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="launched as 2 processes"):
+        train_with_accelerate(build_model(), tokenized_copy_task(4, 0), pad_batch, LoopArguments(str(tmp_path)))

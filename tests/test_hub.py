@@ -62,7 +62,18 @@ PUBLISH = textwrap.dedent(
     (folder / "README.md").write_text("---\\nlicense: apache-2.0\\nlibrary_name: transformers\\n---\\n# card\\n")
     assert main(["push", "--model", str(folder), "--repo-id", "%(user)s/cli-s2s"]) == 0
 
-    # 3. Trainer(push_to_hub=True)
+    # 3. rnn-seq2seq train-translation --push-to-hub
+    from pathlib import Path
+    from test_cli import PAIRS, TINY_TRANSLATION_RECIPE
+    data = Path(out) / "data"
+    data.mkdir()
+    (data / "pairs.tsv").write_text("".join(f"{s}\\t{t}\\n" for s, t in PAIRS))
+    (data / "recipe.yaml").write_text(TINY_TRANSLATION_RECIPE)
+    assert main(["train-translation", "--recipe", str(data / "recipe.yaml"), "--output-dir", out + "/trained",
+                 "--train", str(data / "pairs.tsv"), "--validation", str(data / "pairs.tsv"),
+                 "--push-to-hub", "%(user)s/trained-s2s"]) == 0
+
+    # 4. Trainer(push_to_hub=True)
     torch.manual_seed(0)
     trainer_model = make_seq2seq(seed=5)
     args = Seq2SeqTrainingArguments(output_dir=out + "/trainer", max_steps=3, per_device_train_batch_size=4,
@@ -116,6 +127,11 @@ LOAD_WITHOUT_LIBRARY = textwrap.dedent(
     }
     cli = AutoModelForSeq2SeqLM.from_pretrained("%(user)s/cli-s2s", trust_remote_code=True)
     loaded["cli-s2s"] = {"module": type(cli).__module__}
+    trained = AutoModelForSeq2SeqLM.from_pretrained("%(user)s/trained-s2s", trust_remote_code=True)
+    trained_tokenizer = AutoTokenizer.from_pretrained("%(user)s/trained-s2s", trust_remote_code=True)
+    trained_output = trained.generate(**trained_tokenizer(["ein hund läuft"], return_tensors="pt"))
+    loaded["trained-s2s"] = {"module": type(trained).__module__,
+                             "output": trained_tokenizer.decode(trained_output[0], skip_special_tokens=True)}
     trainer_model = AutoModelForSeq2SeqLM.from_pretrained("%(user)s/trainer-s2s", trust_remote_code=True).eval()
     loaded["trainer-s2s"] = {
         "module": type(trainer_model).__module__,
@@ -188,7 +204,7 @@ def test_python_push_loads_without_the_library_with_identical_outputs(hub_round_
     config = json.loads(pushed["config.json"])
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_rnn_seq2seq.RNNSeq2SeqForConditionalGeneration"
     assert "seq2seq-generation" in config["custom_pipelines"]
-    for name in ("python-s2s", "python-lm", "trainer-s2s", "cli-s2s"):
+    for name in ("python-s2s", "python-lm", "trainer-s2s", "cli-s2s", "trained-s2s"):
         assert without[name]["module"].startswith("transformers_modules."), name
     for name in ("python-s2s", "python-lm", "trainer-s2s"):
         assert without[name]["generate"] == reference[name]["generate"], name
@@ -223,6 +239,21 @@ def test_cli_push_uploads_the_whole_folder_and_the_card_parses(hub_round_trip, t
     } <= pushed.keys()
     (tmp_path / "README.md").write_bytes(pushed["README.md"])
     assert ModelCard.load(tmp_path / "README.md").data.license == "apache-2.0"
+
+
+def test_push_after_training_uploads_the_model_card_with_its_metrics(hub_round_trip, tmp_path):
+    _, without, _, files = hub_round_trip
+    pushed = files[f"{USER}/trained-s2s"]
+    assert {"README.md", "attention.png", "loss.png", "tokenizer.json", "model.safetensors"} <= pushed.keys()
+    (tmp_path / "README.md").write_bytes(pushed["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {result.metric_type for result in card.data.eval_results} == {
+        "bleu",
+        "bleu_lowercase",
+        "chrf",
+        "exact_match",
+    }
+    assert isinstance(without["trained-s2s"]["output"], str)
 
 
 def test_trainer_push_to_hub_pushes_model_and_tokenizer(hub_round_trip):

@@ -255,6 +255,13 @@ def train_with_accelerate(
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {accelerator.num_processes}: each "
+            "process would train alone. On CPUs set ACCELERATE_USE_CPU=1, and create no accelerate PartialState "
+            "before this loop's Accelerator."
+        )
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
