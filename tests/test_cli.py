@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from rnn_seq2seq_hf.cli import main
@@ -129,6 +130,10 @@ def test_train_lm_then_evaluate_lm_and_generate(tmp_path, capsys, kind):
     assert (tmp_path / "out" / "samples.txt").read_text().strip()
     model_dir = tmp_path / "out" / "model"
     assert isinstance(AutoModelForCausalLM.from_pretrained(model_dir), torch.nn.Module)
+    card = ModelCard.load(model_dir / "README.md")
+    values = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert values["perplexity"] == pytest.approx(metrics["test_perplexity"], abs=1e-4)
+    assert card.data.pipeline_tag == "text-generation" and ("bits_per_character" in values) == (kind == "char")
     capsys.readouterr()
 
     assert main(["evaluate-lm", "--model", str(model_dir), "--text", str(tmp_path / "test.txt"),

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 from rnn_seq2seq_hf.demo import run_demo
 from rnn_seq2seq_hf.demo_data import make_date_pairs, spell_ordinal, spell_year
@@ -21,7 +21,7 @@ NO_LIBRARY_LOADER = textwrap.dedent(
             if name.split(".")[0] == "rnn_seq2seq_hf":
                 raise ImportError("blocked")
     sys.meta_path.insert(0, Block())
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
     folder = sys.argv[1]
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)
@@ -99,3 +99,7 @@ def test_full_demo_reaches_95_percent_exact_match(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["exact_match"] >= 95.0
+    # the README's pipeline example (the library is imported above, so the task is registered)
+    translator = pipeline("seq2seq-generation", model=str(tmp_path / "demo" / "model"))
+    outputs = translator(["the third of may, nineteen ninety", "12/01/2024"], num_beams=5, batch_size=2)
+    assert outputs == [[{"generated_text": "1990-05-03"}], [{"generated_text": "2024-01-12"}]]
