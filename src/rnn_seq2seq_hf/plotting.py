@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -50,8 +51,8 @@ def plot_attention(
     axes.set_yticks(range(len(target_tokens)), labels=target_tokens)
     axes.set_xlabel("source")
     axes.set_ylabel("output")
-    if title:
-        axes.set_title(title)
+    if title:  # wrapped to the figure's width, so long sentences stay readable
+        axes.set_title(textwrap.fill(title, width=int(width * 12)), fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.04)
     figure.tight_layout()
     path = Path(path)
