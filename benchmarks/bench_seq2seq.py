@@ -47,6 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="on a GPU, true fp32 matrix products (default: TF32, as PyTorch users run)",
+    )
     parser.add_argument("--output", default="benchmarks/results/cpu.json")
     return parser.parse_args()
 
@@ -152,6 +157,9 @@ def time_rounds(variants: dict[str, Callable[[], None]], rounds: int, device: to
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     common = dict(
         vocab_size=args.vocab_size,
@@ -226,6 +234,8 @@ def main() -> None:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "tf32": device.type == "cuda" and not args.no_tf32,
             "rnn_seq2seq_hf": rnn_seq2seq_hf.__version__,
             "python": platform.python_version(),
         },
