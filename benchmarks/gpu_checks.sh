@@ -24,9 +24,9 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_cuda.py -p no:cacheprovider 2
 
 step "speed benchmark, batch 128 and 512"
 timeout 90 python3 benchmarks/bench_seq2seq.py --device cuda --batch-size 128 --steps 10 --rounds 7 \
-  --output "$OUT/gpu_h100_b128.json"
+  --output "$OUT/gpu_h200_b128.json"
 timeout 90 python3 benchmarks/bench_seq2seq.py --device cuda --batch-size 512 --steps 5 --rounds 5 \
-  --output "$OUT/gpu_h100_b512.json"
+  --output "$OUT/gpu_h200_b512.json"
 
 step "mixed precision"
 timeout 100 python3 benchmarks/bench_mixed_precision.py --device cuda --steps 300 \

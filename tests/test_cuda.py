@@ -23,7 +23,7 @@ from helpers import (
     right_padded,
     seq2seq_variant_config,
 )
-from rnn_seq2seq_hf.models.recurrent import RecurrentStack
+from rnn_seq2seq_hf.models.recurrent import RecurrentStack, weights_share_one_buffer
 from rnn_seq2seq_hf.tokenization import train_tokenizer
 
 pytestmark = [
@@ -146,6 +146,14 @@ def test_lm_generate_left_padded_on_cuda_equals_cpu(num_beams):
     assert torch.equal(gpu.cpu(), cpu)
 
 
+@pytest.fixture
+def contiguity_warnings_are_errors():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*contiguous chunk.*")
+        yield
+
+
+@pytest.mark.usefixtures("contiguity_warnings_are_errors")
 def test_pipelines_place_the_model_on_the_gpu():
     tokenizer = train_tokenizer(["a b c d e f g h i j k l m n o p q r s"], kind="word", vocab_size=None)
     model = make_seq2seq(attention_type="concat")
@@ -165,6 +173,7 @@ def test_pipelines_place_the_model_on_the_gpu():
     assert generator(["a b", "c d e"], max_new_tokens=4, do_sample=False) == expected
 
 
+@pytest.mark.usefixtures("contiguity_warnings_are_errors")
 def test_cudnn_weights_stay_contiguous_through_training_saving_and_loading(tmp_path):
     """cuDNN warns ("RNN module weights are not part of single contiguous chunk of memory") and copies the weights
     on every call when they are not flattened; a warning here is an error."""
@@ -174,15 +183,31 @@ def test_cudnn_weights_stay_contiguous_through_training_saving_and_loading(tmp_p
     source, mask, labels = padded_batch()
     inputs = to_cuda(input_ids=source, attention_mask=mask, labels=labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*contiguous chunk.*")
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(**inputs).loss.backward()
-            optimizer.step()
-        model.save_pretrained(tmp_path)
-        reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).to(CUDA)
-        reloaded(**inputs)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**inputs).loss.backward()
+        optimizer.step()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).to(CUDA)
+    reloaded(**inputs)
+
+
+@pytest.mark.usefixtures("contiguity_warnings_are_errors")
+def test_weights_split_by_outside_code_are_reflattened_once_with_the_same_outputs():
+    model = make_seq2seq(attention_type="dot", input_feeding=True).to(CUDA).train()
+    source, mask, labels = padded_batch()
+    inputs = to_cuda(input_ids=source, attention_mask=mask, labels=labels)
+    reference, _, reference_grads = loss_logits_grads(model, **inputs)
+    rnn = model.model.decoder.rnn.rnn
+    with torch.no_grad():  # what some user code and wrappers do: give each parameter its own memory
+        for parameter in rnn.parameters():
+            parameter.data = parameter.data.clone()
+    assert not weights_share_one_buffer(rnn)
+    loss, _, grads = loss_logits_grads(model, **inputs)  # the step-by-step decoder calls cuDNN at every step
+    assert weights_share_one_buffer(rnn)
+    torch.testing.assert_close(loss, reference)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], msg=name)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

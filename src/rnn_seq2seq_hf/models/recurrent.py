@@ -117,6 +117,10 @@ class RecurrentStack(nn.Module):
         else:
             inputs = inputs.to(dtype)
         state = tuple(tensor.to(dtype) for tensor in state)
+        if inputs.is_cuda and not weights_share_one_buffer(self.rnn):
+            # Something outside the model (a device move by other code, `param.data = ...`) left the weights in
+            # separate buffers; cuDNN would then copy them into one on every call (and warn). Re-flatten once.
+            self.rnn.flatten_parameters()
         with torch.autocast(device_type=self.rnn.weight_ih_l0.device.type, enabled=False):
             outputs, final = self.rnn(inputs, state if self.is_lstm else state[0])
         return outputs, (tuple(final) if self.is_lstm else (final,))
@@ -145,6 +149,13 @@ class RecurrentStack(nn.Module):
         if not bool(has_tokens.all()):
             new_state = tuple(torch.where(has_tokens[None, :, None], new, old) for new, old in zip(new_state, state))
         return outputs, new_state
+
+
+def weights_share_one_buffer(rnn: nn.RNNBase) -> bool:
+    """Whether all of a cuDNN RNN's weights are views of one buffer, as `flatten_parameters` leaves them."""
+    weights = rnn._flat_weights
+    first = weights[0].untyped_storage().data_ptr()
+    return all(w.untyped_storage().data_ptr() == first for w in weights)
 
 
 def state_to_batch_first(state: RNNState, num_layers: int) -> tuple[torch.Tensor, ...]:
