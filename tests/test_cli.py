@@ -88,6 +88,9 @@ def test_train_translation_writes_a_model_that_reloads(translation_model):
     model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert model.config.attention_type == "dot" and model.generation_config.num_beams == 2
+    # Seq2SeqTrainer's evaluation filled in max_length=20 in place; the saved config must stay as configured, or
+    # every generate() warns that max_length and max_new_tokens are both set.
+    assert model.generation_config.max_new_tokens == 8 and model.generation_config.max_length is None
     assert model.config.vocab_size == len(tokenizer) and model.config.use_cache
     assert (out / "test_translations.txt").read_text().count("\n") == 4
 

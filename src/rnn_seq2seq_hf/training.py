@@ -13,6 +13,7 @@ metrics and a model card, all written into one output folder:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -34,6 +35,7 @@ from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -143,7 +145,7 @@ def _fit_translation_with_trainer(
         references = tokenizer.batch_decode(labels, skip_special_tokens=True)
         return translation_scores([h.strip() for h in hypotheses], [r.strip() for r in references])
 
-    callbacks = []
+    callbacks = [KeepGenerationConfig(model.generation_config)]
     if recipe.get("early_stopping_patience") and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe["early_stopping_patience"]))
     trainer = Seq2SeqTrainer(
@@ -157,7 +159,25 @@ def _fit_translation_with_trainer(
         callbacks=callbacks,
     )
     trainer.train()
+    trainer.model.generation_config = copy.deepcopy(callbacks[0].generation_config)
     return trainer.model, args, trainer.state.log_history
+
+
+class KeepGenerationConfig(TrainerCallback):
+    """Keep the model's generation config as configured through `Seq2SeqTrainer` evaluation.
+
+    `Seq2SeqTrainer.prediction_step` fills the model's generation config with transformers' defaults (max_length=20)
+    in place. With `max_new_tokens` set, every later `generate()` then warns that both are set, and the saved
+    generation_config.json carries the conflict to every user of the model. Put the configured one back after each
+    prediction step.
+    """
+
+    def __init__(self, generation_config: GenerationConfig):
+        self.generation_config = copy.deepcopy(generation_config)
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            model.generation_config = copy.deepcopy(self.generation_config)
 
 
 def _fit_lm_with_trainer(model, tokenizer, collator, training, output_dir, train_blocks, validation_blocks):
