@@ -210,3 +210,20 @@ def test_train_translation_with_the_accelerate_engine_checkpoints_and_resumes(tr
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "model").config.attention_type == "dot"
     # running it again finds the final checkpoint and only re-evaluates and re-saves
     assert main(args) == 0
+
+
+def test_lm_samples_run_on_across_sentence_ends():
+    """PTB ends many sentences with "... the company said </s>": samples of a stream LM must not stop there."""
+    from helpers import tiny_lm_config
+    from rnn_seq2seq_hf import RNNLMForCausalLM
+    from rnn_seq2seq_hf.tokenization import special_token_ids, train_tokenizer
+    from rnn_seq2seq_hf.training import _lm_samples
+
+    tokenizer = train_tokenizer(LM_TEXT, kind="word", vocab_size=None, padding_side="left", add_eos=False)
+    config = tiny_lm_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
+    model = RNNLMForCausalLM(config).eval()
+    with torch.no_grad():  # make the end of sentence by far the likeliest next token
+        model.lm_head.linear.bias[tokenizer.eos_token_id] = 8.0
+    samples = _lm_samples(model, tokenizer, {"prompt": "the cat", "max_new_tokens": 6, "num_samples": 2}, True)
+    for sample in samples.split("\n---\n"):
+        assert sample.startswith("the cat") and sample.count("\n") >= 3  # sentence ends became line breaks

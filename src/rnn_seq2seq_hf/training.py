@@ -454,8 +454,11 @@ def _lm_samples(model, tokenizer, settings: dict, per_line: bool) -> str:
     prompt = settings.get("prompt", "the" if per_line else "\n")
     encoded = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
     torch.manual_seed(settings.get("seed", 0))
+    # The model was trained on one running stream in which the end-of-sentence token only separates sentences, so a
+    # sample runs on across sentence ends for max_new_tokens (eos_token_id=None: no stopping on EOS).
     generated = model.generate(
         **encoded,
+        eos_token_id=None,
         do_sample=settings.get("do_sample", True),
         max_new_tokens=settings.get("max_new_tokens", 100),
         temperature=settings.get("temperature", 0.8),
@@ -464,7 +467,10 @@ def _lm_samples(model, tokenizer, settings: dict, per_line: bool) -> str:
     )
     texts = tokenizer.batch_decode(generated, skip_special_tokens=not per_line)
     if per_line:
-        texts = [text.replace(tokenizer.eos_token, "\n").replace(tokenizer.pad_token, "").strip() for text in texts]
+        texts = [text.replace(tokenizer.eos_token, "\n").replace(tokenizer.pad_token, "") for text in texts]
+        if tokenizer.unk_token:  # special tokens decode without the word separator (PTB's own "<unk>" is one)
+            texts = [text.replace(tokenizer.unk_token, f" {tokenizer.unk_token} ") for text in texts]
+        texts = ["\n".join(" ".join(line.split()) for line in text.split("\n")) for text in texts]  # a sentence a line
     return "\n---\n".join(texts)
 
 
