@@ -97,6 +97,9 @@ def test_bad_arguments():
         train_tokenizer(SENTENCES, kind="word", vocab_size=4)
 
 
+@pytest.mark.skipif(
+    not (SHARED / "ptb").is_dir(), reason=f"needs the Penn Treebank in {SHARED} (the project's shared data folder)"
+)
 def test_penn_treebank_gives_the_standard_10k_vocabulary():
     """The 9,999 words of ptb.train.txt (its <unk> is our unknown token) plus the end of sentence: 10,000 tokens
     that can be predicted, as in every published PTB perplexity; <pad> and <s> are never targets."""
