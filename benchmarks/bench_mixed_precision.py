@@ -72,7 +72,7 @@ def make_batches(args, device: torch.device, count: int, seed: int = 0) -> list[
     return batches
 
 
-class Trainer:
+class PrecisionRun:
     """One model + Adam + (for fp16) a GradScaler, stepping under one precision setting."""
 
     def __init__(self, model, precision: str, device: torch.device):
@@ -136,15 +136,15 @@ def main() -> None:
         output_dropout=0.0,
     )
     initial = RNNSeq2SeqForConditionalGeneration(config).to(device).train()
-    trainers = {name: Trainer(copy.deepcopy(initial), name, device) for name in PRECISIONS}
-    for trainer in trainers.values():
-        trainer.model.flatten_recurrent_weights()
+    runs = {name: PrecisionRun(copy.deepcopy(initial), name, device) for name in PRECISIONS}
+    for run in runs.values():
+        run.model.flatten_recurrent_weights()
     batches = make_batches(args, device, args.steps)
 
     # Loss parity: every precision sees the same batches in the same order from the same weights.
     curves: dict[str, list[float]] = {}
-    for name, trainer in trainers.items():
-        losses = [trainer.step(batch) for batch in batches]
+    for name, run in runs.items():
+        losses = [run.step(batch) for batch in batches]
         curves[name] = [float(loss) for loss in losses]
         print(f"{name:<12} loss {curves[name][0]:.3f} -> {final_loss(curves[name]):.3f}", flush=True)
 
@@ -152,11 +152,11 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in PRECISIONS}
     timing_batches = batches[: args.timing_steps]
     for _ in range(args.rounds):
-        for name, trainer in trainers.items():
+        for name, run in runs.items():
             synchronize(device)
             start = time.perf_counter()
             for batch in timing_batches:
-                trainer.step(batch)
+                run.step(batch)
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
     tokens = args.batch_size * args.length * args.timing_steps

@@ -2,27 +2,30 @@
 # Train and evaluate the CPU presets on the data in ../shared/data, one after the other, and keep what each run
 # reports (metrics.json, loss.png, attention.png, samples, test translations, the model card) in results/.
 #   bash examples/run_real_data.sh [multi30k_de_en multi30k_en_de ptb shakespeare]
+# multi30k_de_en_gpu and multi30k_en_de_gpu run the full-size GPU presets (benchmarks/gpu_checks.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs}
+RESULTS=${RESULTS:-results}
 jobs=("$@")
 [ ${#jobs[@]} -eq 0 ] && jobs=(multi30k_de_en multi30k_en_de ptb shakespeare)
 
-keep() {  # copy the small outputs of run $1 into results/$1
-  mkdir -p "results/$1"
+keep() {  # copy the small outputs of run $1 into $RESULTS/$1
+  mkdir -p "$RESULTS/$1"
   for f in metrics.json loss.png attention.png samples.txt test_translations.txt; do
-    [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "results/$1/"
+    [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "$RESULTS/$1/"
   done
-  cp "$RUNS/$1/model/README.md" "results/$1/model_card.md"
+  cp "$RUNS/$1/model/README.md" "$RESULTS/$1/model_card.md"
 }
 
 for job in "${jobs[@]}"; do
   start=$(date +%s)
   case $job in
-    multi30k_de_en|multi30k_en_de)
+    multi30k_de_en|multi30k_en_de|multi30k_de_en_gpu|multi30k_en_de_gpu)
       src=${job:9:2}; tgt=${job:12:2}; M=$DATA/multi30k
-      rnn-seq2seq train-translation --recipe "${job}_cpu" --output-dir "$RUNS/$job" \
+      recipe=$job; [[ $job == *_gpu ]] || recipe=${job}_cpu
+      rnn-seq2seq train-translation --recipe "$recipe" --output-dir "$RUNS/$job" \
         --train "$M/train.$src,$M/train.$tgt" --validation "$M/val.$src,$M/val.$tgt" \
         --test "$M/test_2016_flickr.$src,$M/test_2016_flickr.$tgt" --source-lang "$src" --target-lang "$tgt" \
         --dataset-name "Multi30k test_2016_flickr" --set training.disable_tqdm=true \

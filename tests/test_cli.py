@@ -10,7 +10,11 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from helpers import tiny_lm_config
+from rnn_seq2seq_hf import RNNLMForCausalLM
 from rnn_seq2seq_hf.cli import main
+from rnn_seq2seq_hf.tokenization import special_token_ids, train_tokenizer
+from rnn_seq2seq_hf.training import _lm_samples
 
 PAIRS = [
     ("ein hund läuft", "a dog runs"),
@@ -214,11 +218,6 @@ def test_train_translation_with_the_accelerate_engine_checkpoints_and_resumes(tr
 
 def test_lm_samples_run_on_across_sentence_ends():
     """PTB ends many sentences with "... the company said </s>": samples of a stream LM must not stop there."""
-    from helpers import tiny_lm_config
-    from rnn_seq2seq_hf import RNNLMForCausalLM
-    from rnn_seq2seq_hf.tokenization import special_token_ids, train_tokenizer
-    from rnn_seq2seq_hf.training import _lm_samples
-
     tokenizer = train_tokenizer(LM_TEXT, kind="word", vocab_size=None, padding_side="left", add_eos=False)
     config = tiny_lm_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
     model = RNNLMForCausalLM(config).eval()

@@ -159,7 +159,6 @@ def _fit_translation_with_trainer(
         callbacks=callbacks,
     )
     trainer.train()
-    trainer.model.generation_config = copy.deepcopy(callbacks[0].generation_config)
     return trainer.model, args, trainer.state.log_history
 
 
@@ -169,7 +168,7 @@ class KeepGenerationConfig(TrainerCallback):
     `Seq2SeqTrainer.prediction_step` fills the model's generation config with transformers' defaults (max_length=20)
     in place. With `max_new_tokens` set, every later `generate()` then warns that both are set, and the saved
     generation_config.json carries the conflict to every user of the model. Put the configured one back after each
-    prediction step.
+    prediction step (the last evaluation included, so the model leaves training as configured).
     """
 
     def __init__(self, generation_config: GenerationConfig):
