@@ -476,6 +476,11 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
     def get_decoder(self) -> RNNDecoder:
         return self.model.decoder
 
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs `[B, T]` for `labels` `[B, T]` (read by `DataCollatorForSeq2Seq(model=...)`, so training
+        works when `Trainer` takes the labels out of the inputs, as it does for label smoothing)."""
+        return shift_tokens_right(labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -506,9 +511,7 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None and decoder_input_ids is None:
             check_labels(labels, None, self.config.vocab_size)
-            decoder_input_ids = shift_tokens_right(
-                labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id
-            )
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
