@@ -67,6 +67,8 @@ class LoopArguments:
     generation_num_beams: int | None = None  # beams for evaluation (default: the model's generation config)
     generation_max_new_tokens: int | None = None
     resume: bool = True  # continue from the newest complete checkpoint in output_dir, if any
+    # What the run is (recipe + data), computed by the caller; a checkpoint of another run is never resumed.
+    fingerprint: str | None = None
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
