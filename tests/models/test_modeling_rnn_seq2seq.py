@@ -207,8 +207,10 @@ def test_outputs_of_the_base_model_and_head():
     out = model(input_ids=source, attention_mask=source_mask, labels=random_tokens(3, 4), output_hidden_states=True)
     assert out.encoder_last_hidden_state.shape == (3, 7, 16)
     assert torch.all(out.encoder_last_hidden_state[source_mask == 0] == 0)
-    assert [t.shape for t in out.encoder_hidden_states] == [(3, 7, 12), (3, 7, 16)]
-    assert [t.shape for t in out.decoder_hidden_states] == [(3, 4, 12), (3, 4, 16)]
+    # embeddings, then every one of the 2 layers
+    assert [t.shape for t in out.encoder_hidden_states] == [(3, 7, 12), (3, 7, 16), (3, 7, 16)]
+    torch.testing.assert_close(out.encoder_hidden_states[-1], out.encoder_last_hidden_state)
+    assert [t.shape for t in out.decoder_hidden_states] == [(3, 4, 12), (3, 4, 16), (3, 4, 16)]
     assert out.cross_attentions is None
     base = RNNSeq2SeqModel(model.config)
     assert base(input_ids=source, decoder_input_ids=random_tokens(3, 2)).last_hidden_state.shape == (3, 2, 16)

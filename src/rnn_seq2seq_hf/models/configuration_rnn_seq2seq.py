@@ -60,6 +60,9 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
 
     model_type = "rnn_seq2seq"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # transformers code reads `num_hidden_layers`; here it means the decoder's layers, as in T5 and BART (the
+    # decoder is what generate() steps through). The encoder's depth is `encoder_layers`.
+    attribute_map = {"num_hidden_layers": "decoder_layers"}
 
     def __init__(
         self,
