@@ -289,7 +289,11 @@ BAD_CONFIGS = [
     (dict(bridge="last", encoder_layers=2, decoder_layers=3), r"`encoder_layers` \(2\) must equal `decoder_layers`"),
     (dict(eos_token_id=10000, vocab_size=100), r"`eos_token_id` must be a token id in \[0, vocab_size=100\), got 10"),
     (dict(decoder_start_token_id=-1), r"`decoder_start_token_id` must be a token id"),
-    (dict(initializer_range=0), r"`initializer_range` must be a number > 0"),
+    (dict(initializer_range=0), r"`initializer_range` must be a finite number > 0"),
+    (dict(initializer_range=float("nan")), r"`initializer_range` must be a finite number > 0, got nan"),
+    (dict(initializer_range=float("inf")), r"`initializer_range` must be a finite number > 0, got inf"),
+    (dict(hiden_size=64), r"unknown key `hiden_size`; did you mean `hidden_size`\?"),
+    (dict(num_beams=4), r"`num_beams` is a generation setting"),
 ]
 
 
