@@ -84,9 +84,9 @@ def check_attention_mask(
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch tensor, got {type(attention_mask).__name__}.")
-    allowed = {(batch_size, length), (batch_size, past_length + length)}
-    if tuple(attention_mask.shape) not in allowed:
-        expected = " or ".join(str(shape) for shape in sorted(allowed))
+    allowed = [(batch_size, length)] + ([(batch_size, past_length + length)] if past_length else [])
+    if not any(tuple(attention_mask.shape) == shape for shape in allowed):
+        expected = " or ".join(str(shape) for shape in allowed)
         raise ValueError(
             f"`{name}` must have shape {expected} to match the inputs, got {tuple(attention_mask.shape)}."
         )

@@ -238,7 +238,9 @@ class RecurrentStack(nn.Module):
                 flat_state = [torch.where(alive, new, old) for new, old in zip(flat_state, state)]
             state = tuple(flat_state)
             outputs.append(piece_out)
-        return torch.cat(outputs, dim=1), state
+        # Concatenated time-major and viewed batch first: the memory layout of the fused call's outputs, so dropout
+        # applied to them afterwards draws the same mask (random draws follow the memory order).
+        return torch.cat([piece.transpose(0, 1) for piece in outputs], dim=0).transpose(0, 1), state
 
     def _checkpointed_chunk(self, piece, piece_lengths, *state):
         if self.rnn.dropout > 0 and self.num_layers > 1:
