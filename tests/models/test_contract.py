@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from helpers import CELL_TYPES, EOS, LOGIT_TOL, make_lm, make_seq2seq, random_tokens
+from helpers import CELL_TYPES, LOGIT_TOL, make_lm, make_seq2seq, random_tokens
 from rnn_seq2seq_hf import RNNCache, RNNLMConfig, RNNLMModel, RNNSeq2SeqConfig, RNNSeq2SeqModel
 
 
@@ -443,7 +443,3 @@ def test_get_encoder_accepts_the_modality_argument():
     model = make_seq2seq()
     assert model.get_encoder(modality="text") is model.get_encoder()
     assert RNNSeq2SeqModel(model.config).get_encoder(modality=None) is not None
-
-
-def test_eos_constant_matches_the_helpers():
-    assert EOS == make_lm().config.eos_token_id
