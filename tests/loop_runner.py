@@ -29,6 +29,8 @@ from rnn_seq2seq_hf.accelerate_loop import LoopArguments, evaluate, train_with_a
 from test_trainer import copy_task, pad_batch  # noqa: E402
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+# The environment tests start this runner in: CPU processes, one thread each.
+RUNNER_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 RANK = int(os.environ.get("RANK", "0"))
 
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--crash-in-save", type=int, default=0)
+    parser.add_argument("--logging-steps", type=int, default=1)
     parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each optimizer step")
     args = parser.parse_args()
     out = Path(args.out)
@@ -154,27 +157,23 @@ def main() -> None:
             (out / "configs.json").write_text(json.dumps({"variants": len(variants), "world": WORLD}))
 
     elif args.mode == "resume":
-        import accelerate.checkpointing as checkpointing
-
-        saves = {"count": 0}
-        original_save_state = None
         if args.crash_in_save:
-            from accelerate import Accelerator
+            from rnn_seq2seq_hf import checkpointing
 
-            original_save_state = Accelerator.save_state
-            original_save = checkpointing.save
+            saves = {"count": 0}
+            write_model, write_tensor_file = checkpointing.write_model, checkpointing.write_tensor_file
 
-            def save_state(self, *a, **k):
+            def counting_write_model(path, model):
                 saves["count"] += 1
-                return original_save_state(self, *a, **k)
+                return write_model(path, model)
 
-            def save(obj, path, *a, **k):
-                if saves["count"] == args.crash_in_save and "optimizer" in str(path):
+            def crashing_write_tensor_file(path, tensors):
+                if saves["count"] == args.crash_in_save and path.name == checkpointing.OPTIMIZER_TENSORS:
                     os.kill(os.getpid(), signal.SIGKILL)  # the model file is written, the rest is not
-                return original_save(obj, path, *a, **k)
+                return write_tensor_file(path, tensors)
 
-            Accelerator.save_state = save_state
-            checkpointing.save = save
+            checkpointing.write_model = counting_write_model
+            checkpointing.write_tensor_file = crashing_write_tensor_file
         if args.slow:
             original_step = torch.optim.AdamW.step
 
@@ -191,7 +190,7 @@ def main() -> None:
             per_device_train_batch_size=4,
             learning_rate=0.01,
             warmup_steps=2,
-            logging_steps=1,
+            logging_steps=args.logging_steps,
             save_steps=2,
             save_total_limit=3,
             seed=0,
