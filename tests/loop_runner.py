@@ -6,8 +6,9 @@ Modes:
   trainer  Seq2SeqTrainer on the same task; rank 0 writes the final weights
   eval     distributed evaluation of an odd-sized set; rank 0 writes which examples were scored
   configs  two DDP steps for many configurations (raises if DDP finds unused parameters)
-  resume   a longer loop run with checkpoints, slowed down so the test can kill it; `--crash-in-save N` kills the
-           process with SIGKILL in the middle of writing its N-th checkpoint
+  resume   a longer loop run with checkpoints every 2 steps, slowed down so the test can kill it (each process
+           writes its pid to OUT/pid-RANK); `--crash-in-save N` kills the process with SIGKILL in the middle of
+           writing its N-th checkpoint
 """
 
 import argparse
@@ -195,9 +196,11 @@ def main() -> None:
             save_total_limit=3,
             seed=0,
         )
+        (out / f"pid-{RANK}").write_text(str(os.getpid()))  # for a test that kills every process of the job
         model, state, _ = train_with_accelerate(model, tokenized_copy_task(20, seed=4), pad_batch, loop_args)
-        save_weights(model, out / "weights.safetensors")
-        (out / "log.json").write_text(json.dumps(state.log_history))
+        if RANK == 0:
+            save_weights(model, out / "weights.safetensors")
+            (out / "log.json").write_text(json.dumps(state.log_history))
 
 
 if __name__ == "__main__":

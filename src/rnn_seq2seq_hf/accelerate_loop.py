@@ -173,10 +173,11 @@ def _micro_batch_loss(model, batch: dict, causal: bool, args: LoopArguments, glo
     )
 
 
-def _optimizer_step(model, window, optimizer, scheduler, accelerator, args, causal, state) -> tuple[float, float]:
+def _optimizer_step(model, window, optimizer, scheduler, accelerator, args, causal, state) -> tuple[float, ...]:
     """Forward and backward over the micro-batches of one global batch, then one optimizer step.
 
-    Returns (the global batch's mean token loss, the gradient norm before clipping, NaN if not clipped). Raises
+    Returns (the global batch's mean token loss, the gradient norm before clipping or NaN if not clipped, the
+    learning rate of this step; the three values Trainer logs). Raises
     `TrainingDivergedError` before the optimizer step if the loss or the gradient norm is not finite.
     """
     # The global batch's token count: every micro-batch's loss is divided by it.
@@ -200,10 +201,11 @@ def _optimizer_step(model, window, optimizer, scheduler, accelerator, args, caus
         # With fp16 a gradient scaler skips steps with overflowing gradients by itself.
         if not math.isfinite(grad_norm) and accelerator.scaler is None:
             raise _diverged(args, state.step + 1, f"the gradient norm is {grad_norm}")
+    learning_rate = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm
+    return step_loss, grad_norm, learning_rate
 
 
 def _diverged(args: LoopArguments, step: int, what: str) -> TrainingDivergedError:
@@ -269,9 +271,10 @@ class _Reporter:
                         "pip install tensorboard, or set report_to to 'none'"
                     ) from None
             else:
-                # purge_step hides what an interrupted run logged after the checkpoint this run resumed from.
+                # purge_step hides what an interrupted run logged after the checkpoint this run resumed from (what
+                # it logged up to that step is in the checkpoint's log too).
                 log_dir = Path(args.output_dir) / "runs"
-                self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=state.step if resumed else None)
+                self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=state.step + 1 if resumed else None)
 
     def step(self) -> None:
         self.progress.update(1)
@@ -517,13 +520,13 @@ def train_with_accelerate(
         state.log_history.append(entry)
         reporter.log(entry)
 
-    grad_norm = float("nan")
+    grad_norm = learning_rate = float("nan")
 
     def log_window() -> None:
         epoch = state.epoch + state.batches_in_epoch / batches_per_epoch
         loss = state.window_loss / state.window_steps
         entry = {"step": state.step, "epoch": round(epoch, 4), "loss": loss}
-        entry["learning_rate"] = scheduler.get_last_lr()[0]
+        entry["learning_rate"] = learning_rate
         if math.isfinite(grad_norm):
             entry["grad_norm"] = grad_norm
         state.window_loss, state.window_steps = 0.0, 0
@@ -540,7 +543,7 @@ def train_with_accelerate(
                 wanted = min(args.gradient_accumulation_steps, batches_per_epoch - state.batches_in_epoch)
                 window = list(itertools.islice(batches, wanted))
                 if window:
-                    step_loss, grad_norm = _optimizer_step(
+                    step_loss, grad_norm, learning_rate = _optimizer_step(
                         model, window, optimizer, scheduler, accelerator, args, causal, state
                     )
                     state.step += 1
