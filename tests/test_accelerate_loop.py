@@ -511,3 +511,5 @@ def test_the_example_scripts_parser_reads_every_loop_argument():
          "--load_best_model_at_end", "--metric_for_best_model", "bleu", "--early_stopping_patience", "3"]
     )  # fmt: skip
     assert args.report_to == ["tensorboard"] and args.warmup_steps == 0.1 and args.early_stopping_patience == 3
+    (defaults,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses(["--output_dir", "x"])
+    assert defaults == LoopArguments(output_dir="x")

@@ -67,7 +67,8 @@ class LoopArguments:
     early_stopping_threshold: float = 0.0
     generation_num_beams: int | None = None  # beams for evaluation (default: the model's generation config)
     generation_max_new_tokens: int | None = None
-    report_to: str | list[str] = "none"  # "tensorboard" (logs to output_dir/runs), "all" (what is installed), "none"
+    # "tensorboard" (logs to output_dir/runs), "all" (what is installed), "none" (or None)
+    report_to: None | str | list[str] = "none"  # (this order for HfArgumentParser)
     disable_tqdm: bool = False  # the progress bar (main process only)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir; False: start over
     # What the run is (recipe + data), computed by the caller; a checkpoint of another run is never resumed.
@@ -123,7 +124,7 @@ class LoopArguments:
         if self.early_stopping_patience is not None and self.eval_strategy == "no":
             raise ValueError("`early_stopping_patience` needs evaluations: set `eval_strategy` to 'steps' or 'epoch'")
 
-        reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         unknown = [name for name in reporters if name not in REPORTERS]
         if unknown:
             logger.warning("the Accelerate loop reports only to tensorboard; ignoring report_to %s", unknown)
