@@ -513,3 +513,15 @@ def test_the_example_scripts_parser_reads_every_loop_argument():
     assert args.report_to == ["tensorboard"] and args.warmup_steps == 0.1 and args.early_stopping_patience == 3
     (defaults,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses(["--output_dir", "x"])
     assert defaults == LoopArguments(output_dir="x")
+
+
+def test_an_evaluation_that_cannot_work_is_refused_before_training(tmp_path):
+    data, validation = tokenized_copy_task(8, 1), tokenized_copy_task(4, 2)
+    args = loop_args(tmp_path, max_steps=2, eval_strategy="steps", metric_for_best_model="bleu")
+    with pytest.raises(ValueError, match="`metric_for_best_model` is 'bleu', but evaluations give only"):
+        train_with_accelerate(build_model(), data, pad_batch, args, validation)  # no compute_metrics
+    with pytest.raises(ValueError, match="pass the `tokenizer`"):
+        train_with_accelerate(build_model(), data, pad_batch, args, validation, None, scripted_bleu([1, 2]))
+    with pytest.raises(ValueError, match="`eval_strategy` is 'steps' but no `eval_dataset`"):
+        train_with_accelerate(build_model(), data, pad_batch, args)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())

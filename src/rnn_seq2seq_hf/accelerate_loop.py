@@ -375,13 +375,15 @@ def _load_best(accelerator, args: LoopArguments, state: LoopState, model) -> boo
     """Load the best checkpoint's weights into `model`; False (with a warning) if it is gone or damaged."""
     folder = Path(args.output_dir) / state.best_checkpoint
 
-    def load() -> None:
+    def verify() -> None:
         if accelerator.is_main_process:
             checkpointing.verify_checkpoint(folder)
-        accelerator.wait_for_everyone()
+
+    def load() -> None:
         checkpointing.load_model_weights(folder, accelerator.unwrap_model(model))
 
-    try:
+    try:  # verified by the main process first, then loaded by all, each step agreed on by all processes
+        _on_all_processes(accelerator, verify, "verifying the best model")
         _on_all_processes(accelerator, load, "loading the best model")
     except CheckpointError as error:
         logger.warning("could not load the best model, keeping the last one: %s", error)
@@ -421,6 +423,23 @@ def _record_evaluation(metrics: dict, args: LoopArguments, state: LoopState) -> 
             state.evaluations_without_improvement,
             state.best_metric,
             state.best_step,
+        )
+
+
+def _check_evaluation_setup(args: LoopArguments, causal: bool, eval_dataset, tokenizer, compute_metrics) -> None:
+    """Refuse, before training, an evaluation that would fail at its first run."""
+    if eval_dataset is None:
+        if args.eval_strategy != "no":
+            raise ValueError(f"`eval_strategy` is {args.eval_strategy!r} but no `eval_dataset` was given")
+        return
+    generates = not causal and compute_metrics is not None
+    if generates and tokenizer is None:
+        raise ValueError("`compute_metrics` scores generated text: pass the `tokenizer` that decodes it")
+    always = ("eval_loss", "eval_perplexity", "eval_examples")
+    if args.eval_strategy != "no" and args.metric_key not in always and not generates:
+        raise ValueError(
+            f"`metric_for_best_model` is {args.metric_for_best_model!r}, but evaluations give only {list(always)} "
+            "(generation metrics such as BLEU need a Seq2Seq model and `compute_metrics`)"
         )
 
 
@@ -470,6 +489,7 @@ def train_with_accelerate(
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     causal = not model.config.is_encoder_decoder
+    _check_evaluation_setup(args, causal, eval_dataset, tokenizer, compute_metrics)
 
     # 1. Data, optimizer, schedule. The loaders have their own generators: starting an epoch or an evaluation then
     #    draws nothing from the global RNG, whose state (dropout masks) checkpoints restore.
