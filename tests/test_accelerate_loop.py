@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
 from safetensors.torch import load_file, load_model
 from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
@@ -261,6 +262,36 @@ def test_a_truncated_file_in_the_newest_checkpoint_falls_back_to_the_previous_on
     assert_same(weights(model), weights(reference_model))
     # logging_steps=3 and checkpoints every 2 steps: the run resumed in the middle of a logging window.
     assert state.log_history == reference.log_history
+
+
+def scaled_accelerator() -> Accelerator:
+    """An Accelerator with a gradient scaler on the CPU (accelerate makes one only for fp16 on GPUs), whose scale
+    doubles every 2 steps: its state must be checkpointed for an exact resume."""
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    return accelerator
+
+
+def test_the_gradient_scaler_resumes_exactly(tmp_path, monkeypatch):
+    def run(name: str):
+        accelerator = scaled_accelerator()
+        args = loop_args(tmp_path / name, max_steps=8, save_steps=2, max_grad_norm=None)
+        model, state, _ = train_with_accelerate(
+            build_model(hidden_dropout=0.3), tokenized_copy_task(20, 4), pad_batch, args, accelerator=accelerator
+        )
+        return model, state, accelerator.scaler.get_scale()
+
+    reference_model, reference, reference_scale = run("reference")
+    assert reference_scale == 2.0**14  # 8 steps without overflow: doubled 4 times
+    with monkeypatch.context() as patch:
+        crash_after(patch, optimizer_steps=5)
+        with pytest.raises(StopAfter):
+            run("crashed")
+    saved = json.loads((tmp_path / "crashed" / "run" / "checkpoint-4" / "scaler.json").read_text())
+    assert saved["scale"] == 2.0**12 and saved["_growth_tracker"] == 0
+    model, state, scale = run("crashed")
+    assert scale == reference_scale and state.log_history == reference.log_history
+    assert_same(weights(model), weights(reference_model))
 
 
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
