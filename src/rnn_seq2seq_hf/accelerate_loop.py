@@ -13,7 +13,8 @@ What it guarantees:
   the mean over the steps since the previous entry.
 - **Evaluation counts every example once.** Generated outputs are padded across processes and gathered with
   `gather_for_metrics`, which drops the duplicates that even batching adds when the dataset does not divide.
-  Evaluation draws nothing from the random generators, so evaluating changes nothing in training.
+  Evaluation (greedy or beam search) draws nothing from the random generators, so evaluating changes nothing in
+  training.
 - **Checkpoints that run no code, written atomically** (`checkpointing.py`): safetensors and JSON only, in a
   temporary folder renamed when complete, with a manifest of sizes and sha256 that a resume verifies.
 - **Exact resume.** Model, optimizer, scheduler, gradient scaler, every process's RNG states and the loop's state
