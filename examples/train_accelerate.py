@@ -8,12 +8,20 @@
     accelerate launch --multi_gpu --num_processes 8 examples/train_accelerate.py ...
 
 Every `LoopArguments` field is an option (`--max_steps`, `--per_device_train_batch_size`, `--mixed_precision bf16`,
-`--save_steps`, ...). Run the same command again after a crash: it resumes from the newest complete checkpoint in
-`--output_dir` and ends where an uninterrupted run would have. The same loop is behind
-`rnn-seq2seq train-translation --engine accelerate`.
+`--save_steps`, `--label_smoothing_factor 0.1`, `--report_to tensorboard`, ...); validation BLEU with the best
+checkpoint and early stopping:
+
+    ... --eval_strategy epoch --metric_for_best_model bleu --load_best_model_at_end --early_stopping_patience 3
+
+Run the same command again after a crash: it resumes from the newest complete checkpoint in `--output_dir` and ends
+where an uninterrupted run would have. The checkpoints carry a fingerprint of the data and model options, so the
+same output folder with other data is refused instead of resumed (`--resume false` starts over). The same loop is
+behind `rnn-seq2seq train-translation --engine accelerate`.
 """
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
@@ -38,8 +46,18 @@ class DataArguments:
     attention_type: str = "general"
 
 
+def fingerprint(data_args: DataArguments) -> str:
+    """What makes this run this run: the data (file contents) and the data and model options."""
+    digest = hashlib.sha256(json.dumps(asdict(data_args), sort_keys=True).encode())
+    for name in ",".join((data_args.train, data_args.validation)).split(","):
+        if Path(name).is_file():
+            digest.update(Path(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main() -> None:
     data_args, loop_args = HfArgumentParser((DataArguments, LoopArguments)).parse_args_into_dataclasses()
+    loop_args.fingerprint = loop_args.fingerprint or fingerprint(data_args)
 
     # 1. Data and a joint subword vocabulary (every process builds the same one: training is deterministic).
     train, validation = load_parallel(data_args.train), load_parallel(data_args.validation)

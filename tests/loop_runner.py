@@ -6,8 +6,9 @@ Modes:
   trainer  Seq2SeqTrainer on the same task; rank 0 writes the final weights
   eval     distributed evaluation of an odd-sized set; rank 0 writes which examples were scored
   configs  two DDP steps for many configurations (raises if DDP finds unused parameters)
-  resume   a longer loop run with checkpoints, slowed down so the test can kill it; `--crash-in-save N` kills the
-           process with SIGKILL in the middle of writing its N-th checkpoint
+  resume   a longer loop run with checkpoints every 2 steps, slowed down so the test can kill it (each process
+           writes its pid to OUT/pid-RANK); `--crash-in-save N` kills the process with SIGKILL in the middle of
+           writing its N-th checkpoint
 """
 
 import argparse
@@ -29,6 +30,8 @@ from rnn_seq2seq_hf.accelerate_loop import LoopArguments, evaluate, train_with_a
 from test_trainer import copy_task, pad_batch  # noqa: E402
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+# The environment tests start this runner in: CPU processes, one thread each.
+RUNNER_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 RANK = int(os.environ.get("RANK", "0"))
 
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--crash-in-save", type=int, default=0)
+    parser.add_argument("--logging-steps", type=int, default=1)
     parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep after each optimizer step")
     args = parser.parse_args()
     out = Path(args.out)
@@ -154,27 +158,23 @@ def main() -> None:
             (out / "configs.json").write_text(json.dumps({"variants": len(variants), "world": WORLD}))
 
     elif args.mode == "resume":
-        import accelerate.checkpointing as checkpointing
-
-        saves = {"count": 0}
-        original_save_state = None
         if args.crash_in_save:
-            from accelerate import Accelerator
+            from rnn_seq2seq_hf import checkpointing
 
-            original_save_state = Accelerator.save_state
-            original_save = checkpointing.save
+            saves = {"count": 0}
+            write_model, write_tensor_file = checkpointing.write_model, checkpointing.write_tensor_file
 
-            def save_state(self, *a, **k):
+            def counting_write_model(path, model):
                 saves["count"] += 1
-                return original_save_state(self, *a, **k)
+                return write_model(path, model)
 
-            def save(obj, path, *a, **k):
-                if saves["count"] == args.crash_in_save and "optimizer" in str(path):
+            def crashing_write_tensor_file(path, tensors):
+                if saves["count"] == args.crash_in_save and path.name == checkpointing.OPTIMIZER_TENSORS:
                     os.kill(os.getpid(), signal.SIGKILL)  # the model file is written, the rest is not
-                return original_save(obj, path, *a, **k)
+                return write_tensor_file(path, tensors)
 
-            Accelerator.save_state = save_state
-            checkpointing.save = save
+            checkpointing.write_model = counting_write_model
+            checkpointing.write_tensor_file = crashing_write_tensor_file
         if args.slow:
             original_step = torch.optim.AdamW.step
 
@@ -191,14 +191,16 @@ def main() -> None:
             per_device_train_batch_size=4,
             learning_rate=0.01,
             warmup_steps=2,
-            logging_steps=1,
+            logging_steps=args.logging_steps,
             save_steps=2,
             save_total_limit=3,
             seed=0,
         )
+        (out / f"pid-{RANK}").write_text(str(os.getpid()))  # for a test that kills every process of the job
         model, state, _ = train_with_accelerate(model, tokenized_copy_task(20, seed=4), pad_batch, loop_args)
-        save_weights(model, out / "weights.safetensors")
-        (out / "log.json").write_text(json.dumps(state.log_history))
+        if RANK == 0:
+            save_weights(model, out / "weights.safetensors")
+            (out / "log.json").write_text(json.dumps(state.log_history))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,39 @@ def test_sigkill_during_training_then_resume_gives_the_uninterrupted_result(tmp_
     assert reference_log[-1]["step"] == 10
 
 
+def test_two_processes_killed_mid_logging_window_resume_to_the_same_weights_and_log(tmp_path):
+    """Every process's RNG states (dropout differs per process) and the running loss of the logging window are in
+    the checkpoint: with logs every 5 steps and checkpoints every 2, the job dies and resumes inside a window."""
+    arguments = ["--steps", "10", "--logging-steps", "5"]
+    reference = tmp_path / "reference"
+    run(["resume", str(reference), *arguments], processes=2)
+
+    interrupted = tmp_path / "interrupted"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(RUNNER), "resume", str(interrupted), *arguments, "--slow", "0.5",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (interrupted / "run" / "checkpoint-4").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for rank in range(2):  # the whole job dies at once, as on a machine failure
+        os.kill(int((interrupted / f"pid-{rank}").read_text()), signal.SIGKILL)
+    process.wait(timeout=120)
+    assert not (interrupted / "weights.safetensors").exists()
+    newest = max(int(p.name.split("-")[1]) for p in (interrupted / "run").glob("checkpoint-*"))
+    assert newest % 5, "resumes inside a logging window"
+
+    run(["resume", str(interrupted), *arguments], processes=2)
+    assert_same_weights(weights(reference), weights(interrupted), tolerance=0)
+    reference_log = json.loads((reference / "log.json").read_text())
+    assert json.loads((interrupted / "log.json").read_text()) == reference_log
+    assert [entry["step"] for entry in reference_log] == [5, 10]
+
+
 def test_crash_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path):
     reference = tmp_path / "reference"
     run(["resume", str(reference), "--steps", "8"])
