@@ -4,6 +4,7 @@ peer and memory benchmarks degrade cleanly. No timing is asserted anywhere."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -177,3 +178,62 @@ def test_training_table_counts_every_variant():
 def test_write_json_replaces_the_file_whole(tmp_path):
     path = bench_common.write_json(tmp_path / "out" / "r.json", {"a": 1})
     assert path.read_text().startswith("{") and not list(path.parent.glob(".*.tmp"))
+
+
+# --- peers -------------------------------------------------------------------------------------------------------
+
+
+def test_peers_benchmark_skips_what_is_not_installed_and_runs_ours():
+    import importlib.util
+
+    import bench_peers
+
+    size = bench_peers.Size(hidden=16, embedding=16, vocab=30, batch=2, length=4, layers=2, beams=2)
+    toolkits, skipped = bench_peers.build_toolkits(size, CPU, ["OpenNMT-py", "Joey NMT"])
+    installed = {"OpenNMT-py": importlib.util.find_spec("onmt"), "Joey NMT": importlib.util.find_spec("joeynmt")}
+    for name, spec in installed.items():
+        if spec is None:
+            assert skipped[name].startswith("not importable")
+    ours = toolkits[0]
+    assert ours.name == "ours"
+    batch = bench_peers.Batch(
+        source=torch.full((2, 4), 5), labels=torch.full((2, 4), 6), decoder_input_ids=torch.full((2, 4), 2)
+    )
+    for feeding in (False, True):
+        bench_peers.training_step(ours, feeding, batch)()
+    assert ours.decode(batch, 4, 1).shape == (2, 5)
+    assert ours.decode(batch, 4, 2).shape == (2, 5)
+    _, skipped = bench_peers.build_toolkits(size, CPU, [])
+    assert skipped == {"OpenNMT-py": "not asked for (--peers)", "Joey NMT": "not asked for (--peers)"}
+
+
+# --- memory ------------------------------------------------------------------------------------------------------
+
+MEMORY_ARGS = ["--batch-size", "2", "--lm-length", "30", "--source-length", "5", "--target-length", "20"]
+MEMORY_ARGS += ["--hidden-size", "8", "--embedding-size", "8", "--vocab-size", "20"]
+
+
+@pytest.mark.parametrize("variant", ["lm", "seq2seq-fused", "seq2seq-input-feeding"])
+def test_memory_run_measures_one_training_step(variant):
+    import bench_memory
+
+    row = bench_memory.run_one(variant, False, bench_memory.parse_args(MEMORY_ARGS))
+    assert row["length"] == (30 if variant == "lm" else 20)
+    assert row["loss"] > 0 and row["grad_norm"] > 0  # (memory: too small to see in a shared process)
+
+
+def test_memory_benchmark_says_when_checkpointing_is_unsupported(tmp_path, capsys, monkeypatch):
+    import bench_memory
+
+    monkeypatch.setattr(bench_memory, "supports_checkpointing", lambda variant: False)
+    output = tmp_path / "memory.json"
+    bench_memory.main([*MEMORY_ARGS, "--variants", "lm", "--output", str(output)])
+    assert "does not support gradient checkpointing yet" in capsys.readouterr().out
+    assert set(json.loads(output.read_text())["runs"]["lm"]) == {"plain"}
+
+
+def test_memory_worker_arguments_leave_out_the_output():
+    import bench_memory
+
+    argv = ["--output", "x.json", "--variants=lm", "--batch-size", "2", "--output=y"]
+    assert bench_memory.strip_output_args(argv) == ["--batch-size", "2"]
