@@ -5,7 +5,8 @@ Variants (sizes are arguments):
 - Seq2Seq, fused decoder: bi-LSTM encoder / LSTM decoder with general attention, a short source and a 1,000-token
   target;
 - Seq2Seq, input feeding: the same with the step-by-step decoder.
-Each is run without and with `model.gradient_checkpointing_enable()`. A step is forward + backward (the optimizer's
+Each is run without and with gradient checkpointing (`model.activation_checkpointing_enable()`, which
+transformers 5.24 also calls `gradient_checkpointing_enable()`). A step is forward + backward (the optimizer's
 state is the same either way and is left out). The loss and the gradient norm of both runs are printed and
 compared: checkpointing must not change them.
 
@@ -13,7 +14,9 @@ How peak memory is measured:
 - CPU: every run is a fresh Python process (`--worker`), so earlier runs leave nothing behind. It builds the model
   and the batch, runs one short warm-up step, reads its resident set size (RSS, /proc/self/statm), runs the long
   step and reads its peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`). Reported: peak - RSS before the step.
-  glibc returns large freed blocks to the system at once, so RSS follows the live tensors.
+  glibc returns large freed blocks to the system at once, so RSS follows the live tensors. Each run is repeated
+  (`--repeats`, default 2) and the median (lower middle) run reported, all peaks kept in the JSON: the allocator
+  makes single runs vary by about 10%.
 - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory allocated before
   the step (tensors only, without the allocator's cache).
 
@@ -57,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="fresh runs of each variant (median reported)")
     parser.add_argument("--output", default=None, help="default benchmarks/results/memory_<device>.json")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. the machine's load)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     return parser.parse_args(argv)
 
@@ -105,6 +110,13 @@ def build(variant: str, args: argparse.Namespace, device: torch.device):
     return model, loss, args.target_length
 
 
+def enable_checkpointing(model) -> None:
+    """transformers 5.24 names it `activation_checkpointing_enable` (`gradient_checkpointing_enable` is its
+    deprecated alias, which the former calls when a model overrides it); older versions have the alias only."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def current_rss() -> int:
     """Resident set size of this process, bytes (Linux)."""
     with open("/proc/self/statm") as handle:
@@ -121,7 +133,7 @@ def run_one(variant: str, checkpointing: bool, args: argparse.Namespace) -> dict
     torch.set_num_threads(args.threads)
     model, loss_fn, length = build(variant, args, device)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     loss_fn(4).backward()  # warm-up on a short input: lazy allocations, kernels chosen
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -177,17 +189,28 @@ def measure(variant: str, checkpointing: bool, args: argparse.Namespace, argv: l
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_repeated(variant: str, checkpointing: bool, args: argparse.Namespace, argv: list[str]) -> dict:
+    """`args.repeats` runs; the row of the run with the median peak, with every run's peak alongside."""
+    runs = sorted(
+        (measure(variant, checkpointing, args, argv) for _ in range(max(1, args.repeats))),
+        key=lambda row: row["peak_above_start_mib"],
+    )
+    row = dict(runs[(len(runs) - 1) // 2])
+    row["peak_above_start_mib_all_runs"] = [run["peak_above_start_mib"] for run in runs]
+    return row
+
+
 def strip_output_args(argv: list[str]) -> list[str]:
-    """The command-line arguments a worker needs: all but --output and --variants (and their values)."""
+    """The command-line arguments a worker needs: all but --output, --variants and --note (and their values)."""
     kept, skip = [], False
     for item in argv:
         if skip:
             skip = False
             continue
-        if item in ("--output", "--variants"):
+        if item in ("--output", "--variants", "--note"):
             skip = True
             continue
-        if item.startswith(("--output=", "--variants=")):
+        if item.startswith(("--output=", "--variants=", "--note=")):
             continue
         kept.append(item)
     return kept
@@ -210,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     worker_argv = strip_output_args(argv)
     results = {
         "machine": machine_info(device),
-        "setup": {k: v for k, v in vars(args).items() if k != "worker"},
+        "setup": {k: v for k, v in vars(args).items() if k not in ("worker", "note")},
+        "note": args.note,
         "method": "peak RSS of a fresh process minus RSS before the step"
         if device.type == "cpu"
         else "torch.cuda.max_memory_allocated minus memory_allocated before the step",
@@ -219,11 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"device {results['machine']['device_name']}, torch {torch.__version__}; {results['method']}")
     for variant in variants:
-        rows = {"plain": measure(variant, False, args, worker_argv)}
+        rows = {"plain": measure_repeated(variant, False, args, worker_argv)}
         if supports_checkpointing(variant):
-            rows["checkpointed"] = measure(variant, True, args, worker_argv)
+            rows["checkpointed"] = measure_repeated(variant, True, args, worker_argv)
             plain, checkpointed = rows["plain"], rows["checkpointed"]
-            rows["memory_saved_fraction"] = 1 - checkpointed["peak_above_start_mib"] / plain["peak_above_start_mib"]
+            rows["memory_saved_fraction"] = (
+                1 - checkpointed["peak_above_start_mib"] / plain["peak_above_start_mib"]
+                if plain["peak_above_start_mib"] > 0
+                else None  # too small to see
+            )
             rows["same_loss_and_gradient_norm"] = bool(
                 abs(plain["loss"] - checkpointed["loss"]) <= 1e-5 * abs(plain["loss"])
                 and abs(plain["grad_norm"] - checkpointed["grad_norm"]) <= 1e-4 * abs(plain["grad_norm"])
@@ -244,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"  {variant:<22} {name:<13} length {row['length']:>5}: peak +{row['peak_above_start_mib']:8.1f} "
                     f"MiB, {row['seconds']:6.2f} s, loss {row['loss']:.6f}, grad norm {row['grad_norm']:.6f}{flag}"
                 )
-        if "memory_saved_fraction" in rows:
+        if rows.get("memory_saved_fraction") is not None:
             print(
                 f"  {variant:<22} saved {rows['memory_saved_fraction']:.0%} of the peak; same loss and gradient "
                 f"norm: {rows['same_loss_and_gradient_norm']}"

@@ -385,6 +385,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="calls per round (default 1 anchor, 5 tiny)")
     parser.add_argument("--peers", default="OpenNMT-py,Joey NMT", help="comma-separated peers to try")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. the machine's load)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -398,6 +399,7 @@ def main() -> None:
     size_name = "tiny" if args.tiny else "anchor"
     output = args.output or f"benchmarks/results/peers_{size_name}_{device.type}.json"
 
+    machine = machine_info(device)  # before the runs, so that its load average is the one at the start
     toolkits, skipped = build_toolkits(size, device, [name.strip() for name in args.peers.split(",")])
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(4, size.vocab, (size.batch, size.length), generator=generator).to(device)
@@ -435,8 +437,9 @@ def main() -> None:
             table[row][toolkit.name] = entry
 
     results = {
-        "machine": machine_info(device),
+        "machine": machine,
         "setup": {"size": size_name, **asdict(size), "rounds": args.rounds, "repeats": repeats},
+        "note": args.note,
         "peers": {t.name: getattr(t, "version", None) for t in toolkits if t.name != "ours"},
         "skipped": skipped,
         "table": table,

@@ -210,7 +210,21 @@ def test_peers_benchmark_skips_what_is_not_installed_and_runs_ours():
 # --- memory ------------------------------------------------------------------------------------------------------
 
 MEMORY_ARGS = ["--batch-size", "2", "--lm-length", "30", "--source-length", "5", "--target-length", "20"]
-MEMORY_ARGS += ["--hidden-size", "8", "--embedding-size", "8", "--vocab-size", "20"]
+MEMORY_ARGS += ["--hidden-size", "8", "--embedding-size", "8", "--vocab-size", "20", "--repeats", "1"]
+
+
+def in_process(bench_memory):
+    """`measure` without the fresh process (which costs seconds of imports)."""
+    return lambda variant, checkpointing, args, argv: bench_memory.run_one(variant, checkpointing, args)
+
+
+@pytest.mark.slow
+def test_memory_worker_runs_in_a_fresh_process():
+    import bench_memory
+
+    args = bench_memory.parse_args(MEMORY_ARGS)
+    row = bench_memory.measure("lm", False, args, MEMORY_ARGS)
+    assert row["variant"] == "lm" and row["length"] == 30 and row["in_use_before_mib"] > 0
 
 
 @pytest.mark.parametrize("variant", ["lm", "seq2seq-fused", "seq2seq-input-feeding"])
@@ -226,6 +240,7 @@ def test_memory_benchmark_says_when_checkpointing_is_unsupported(tmp_path, capsy
     import bench_memory
 
     monkeypatch.setattr(bench_memory, "supports_checkpointing", lambda variant: False)
+    monkeypatch.setattr(bench_memory, "measure", in_process(bench_memory))
     output = tmp_path / "memory.json"
     bench_memory.main([*MEMORY_ARGS, "--variants", "lm", "--output", str(output)])
     assert "does not support gradient checkpointing yet" in capsys.readouterr().out
@@ -237,3 +252,26 @@ def test_memory_worker_arguments_leave_out_the_output():
 
     argv = ["--output", "x.json", "--variants=lm", "--batch-size", "2", "--output=y"]
     assert bench_memory.strip_output_args(argv) == ["--batch-size", "2"]
+
+
+def test_memory_benchmark_compares_checkpointed_runs(tmp_path, monkeypatch):
+    """The checkpointed branch, exercised in-process with a model that only claims support: same loss and
+    gradient norm, a saved fraction computed (whatever its value here)."""
+    import bench_memory
+
+    built = bench_memory.build
+
+    def build_claiming_support(variant, args, device):
+        model, loss, length = built(variant, args, device)
+        model.model.gradient_checkpointing = False  # the flag transformers switches on
+        return model, loss, length
+
+    monkeypatch.setattr(bench_memory.RNNLMForCausalLM, "supports_gradient_checkpointing", True)
+    monkeypatch.setattr(bench_memory, "build", build_claiming_support)
+    monkeypatch.setattr(bench_memory, "measure", in_process(bench_memory))
+    output = tmp_path / "memory.json"
+    bench_memory.main([*MEMORY_ARGS, "--variants", "lm", "--output", str(output)])
+    rows = json.loads(output.read_text())["runs"]["lm"]
+    assert rows["checkpointed"]["gradient_checkpointing"] is True
+    assert rows["same_loss_and_gradient_norm"] is True
+    assert "memory_saved_fraction" in rows
