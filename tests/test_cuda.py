@@ -220,10 +220,10 @@ def test_bare_cudnn_rnn_runs_in_fp16_under_bf16_autocast_but_the_stack_stays_fp3
     assert bare_out.dtype == torch.float16  # not bf16: cuDNN's autocast rule hard-codes half
 
     stack = RecurrentStack(cell, 6, 8, 2).to(CUDA)
-    reference, _ = stack(inputs)
+    reference, _, _ = stack(inputs)
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cuda", dtype=dtype):
-            outputs, state = stack(inputs)
+            outputs, state, _ = stack(inputs)
         assert outputs.dtype == torch.float32 and all(s.dtype == torch.float32 for s in state)
         torch.testing.assert_close(outputs, reference)
 

@@ -18,7 +18,7 @@ def test_recurrent_stack_runs_in_fp32_under_autocast(cell):
     stack = RecurrentStack(cell, 6, 8, 2)
     inputs = torch.randn(3, 5, 6)
     with torch.autocast(**AUTOCAST):
-        outputs, state = stack(inputs)
+        outputs, state, _ = stack(inputs)
     assert outputs.dtype == torch.float32 and all(s.dtype == torch.float32 for s in state)
     torch.testing.assert_close(outputs, stack(inputs)[0])  # identical to the fp32 run
 

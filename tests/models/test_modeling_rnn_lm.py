@@ -89,7 +89,9 @@ def test_base_model_and_outputs():
     base = RNNLMModel(model.config)
     out = base(input_ids=random_tokens(2, 5), output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 5, 16)
-    assert [t.shape for t in out.hidden_states] == [(2, 5, 12), (2, 5, 16)]
+    # embeddings, then every one of the 2 layers
+    assert [t.shape for t in out.hidden_states] == [(2, 5, 12), (2, 5, 16), (2, 5, 16)]
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
     assert model(input_ids=random_tokens(2, 5), use_cache=False).cache is None
     assert isinstance(model(input_ids=random_tokens(2, 5), return_dict=False), tuple)
     assert model(input_ids=random_tokens(2, 5), logits_to_keep=1).logits.shape == (2, 1, 23)
@@ -152,7 +154,7 @@ class TestBadInput:
 
     def test_cache_for_another_batch(self):
         cache = self.model(input_ids=random_tokens(2, 3)).cache
-        with pytest.raises(ValueError, match="state of 2 sequences"):
+        with pytest.raises(ValueError, match="holds 2 sequences"):
             self.model(input_ids=random_tokens(3, 1), cache=cache)
 
     def test_unknown_keyword_is_an_error_not_ignored(self):

@@ -207,8 +207,10 @@ def test_outputs_of_the_base_model_and_head():
     out = model(input_ids=source, attention_mask=source_mask, labels=random_tokens(3, 4), output_hidden_states=True)
     assert out.encoder_last_hidden_state.shape == (3, 7, 16)
     assert torch.all(out.encoder_last_hidden_state[source_mask == 0] == 0)
-    assert [t.shape for t in out.encoder_hidden_states] == [(3, 7, 12), (3, 7, 16)]
-    assert [t.shape for t in out.decoder_hidden_states] == [(3, 4, 12), (3, 4, 16)]
+    # embeddings, then every one of the 2 layers
+    assert [t.shape for t in out.encoder_hidden_states] == [(3, 7, 12), (3, 7, 16), (3, 7, 16)]
+    torch.testing.assert_close(out.encoder_hidden_states[-1], out.encoder_last_hidden_state)
+    assert [t.shape for t in out.decoder_hidden_states] == [(3, 4, 12), (3, 4, 16), (3, 4, 16)]
     assert out.cross_attentions is None
     base = RNNSeq2SeqModel(model.config)
     assert base(input_ids=source, decoder_input_ids=random_tokens(3, 2)).last_hidden_state.shape == (3, 2, 16)
@@ -287,7 +289,11 @@ BAD_CONFIGS = [
     (dict(bridge="last", encoder_layers=2, decoder_layers=3), r"`encoder_layers` \(2\) must equal `decoder_layers`"),
     (dict(eos_token_id=10000, vocab_size=100), r"`eos_token_id` must be a token id in \[0, vocab_size=100\), got 10"),
     (dict(decoder_start_token_id=-1), r"`decoder_start_token_id` must be a token id"),
-    (dict(initializer_range=0), r"`initializer_range` must be a number > 0"),
+    (dict(initializer_range=0), r"`initializer_range` must be a finite number > 0"),
+    (dict(initializer_range=float("nan")), r"`initializer_range` must be a finite number > 0, got nan"),
+    (dict(initializer_range=float("inf")), r"`initializer_range` must be a finite number > 0, got inf"),
+    (dict(hiden_size=64), r"unknown key `hiden_size`; did you mean `hidden_size`\?"),
+    (dict(num_beams=4), r"`num_beams` is a generation setting"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""The padding-aware recurrent stack: the packed path equals a loop of one-token steps, padding is skipped."""
+"""The padding-aware recurrent stack: every path (packed, one step, layer by layer, checkpointed chunks) equals the
+plain scan reference, outputs, states and gradients; padding is skipped."""
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ from helpers import CELL_TYPES
 from rnn_seq2seq_hf.models.recurrent import RecurrentStack, state_to_batch_first
 
 
-def make_stack(cell, bidirectional=False, seed=0):
+def make_stack(cell, bidirectional=False, seed=0, num_layers=2):
     torch.manual_seed(seed)
-    stack = RecurrentStack(cell, input_size=6, hidden_size=8, num_layers=2, bidirectional=bidirectional)
+    stack = RecurrentStack(cell, input_size=6, hidden_size=8, num_layers=num_layers, bidirectional=bidirectional)
     for p in stack.parameters():
         torch.nn.init.uniform_(p, -0.6, 0.6)
     return stack
@@ -26,29 +27,80 @@ def random_mask(batch, steps, seed):
     return mask
 
 
+def assert_same(result, reference, inputs):
+    """Same outputs, final states and input gradients."""
+    torch.testing.assert_close(result.outputs, reference.outputs, atol=1e-5, rtol=1e-5)
+    for a, b in zip(result.state, reference.state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    loss = lambda r: r.outputs.pow(2).sum() + sum(s.pow(2).sum() for s in r.state)  # noqa: E731
+    grad = torch.autograd.grad(loss(result), inputs, retain_graph=True)[0]
+    grad_reference = torch.autograd.grad(loss(reference), inputs, retain_graph=True)[0]
+    torch.testing.assert_close(grad, grad_reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cell", CELL_TYPES)
-def test_packed_path_equals_step_loop_with_any_padding(cell):
-    stack = make_stack(cell)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_path_equals_the_scan_reference_with_any_padding(cell, bidirectional):
+    stack = make_stack(cell, bidirectional)
     inputs = torch.randn(6, 9, 6, requires_grad=True)
     mask = random_mask(6, 9, seed=1)
+    initial = tuple(torch.randn(2 * stack.num_directions, 6, 8) for _ in range(stack.num_states))
+
+    packed = stack(inputs, initial, mask)
+    reference = stack._run_scan(inputs, initial, mask)
+    assert_same(packed, reference, inputs)
+    assert torch.all(packed.outputs[~mask] == 0)
+
+
+@pytest.mark.parametrize("cell", CELL_TYPES)
+def test_one_step_calls_equal_the_packed_call(cell):
+    stack = make_stack(cell)
+    inputs = torch.randn(6, 9, 6, requires_grad=True)
+    mask = random_mask(6, 9, seed=2)
     initial = tuple(torch.randn(2, 6, 8) for _ in range(stack.num_states))
-
-    packed_out, packed_state = stack(inputs, initial, mask)
-
-    state, step_outputs = initial, []
+    packed = stack(inputs, initial, mask)
+    state, outputs = initial, []
     for t in range(inputs.shape[1]):
-        out, state = stack(inputs[:, t : t + 1], state, mask[:, t : t + 1])
-        step_outputs.append(out)
-    step_out = torch.cat(step_outputs, dim=1)
+        out, state, _ = stack(inputs[:, t : t + 1], state, mask[:, t : t + 1])
+        outputs.append(out)
+    steps = type(packed)(torch.cat(outputs, dim=1), state)
+    assert_same(steps, packed, inputs)
 
-    torch.testing.assert_close(packed_out, step_out, atol=1e-5, rtol=1e-5)
-    for a, b in zip(packed_state, state):
+
+@pytest.mark.parametrize("cell", CELL_TYPES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_by_layer_equals_the_fused_call_and_returns_every_layer(cell, bidirectional, padded):
+    stack = make_stack(cell, bidirectional, num_layers=3)
+    inputs = torch.randn(6, 9, 6, requires_grad=True)
+    mask = random_mask(6, 9, seed=3) if padded else None
+    fused = stack(inputs, None, mask)
+    layered = stack(inputs, None, mask, output_layers=True)
+    assert fused.layer_outputs is None and len(layered.layer_outputs) == 3
+    assert_same(layered, fused, inputs)
+    torch.testing.assert_close(layered.layer_outputs[-1], layered.outputs)
+    # the first layer's outputs are those of a 1-layer stack with the same weights
+    first = RecurrentStack(cell, 6, 8, 1, bidirectional=bidirectional)
+    first.rnn.load_state_dict({k: v for k, v in stack.rnn.state_dict().items() if "_l0" in k})
+    torch.testing.assert_close(layered.layer_outputs[0], first(inputs, None, mask).outputs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(cell, bidirectional, padded):
+    stack = make_stack(cell, bidirectional).train()
+    inputs = torch.randn(6, 17, 6, requires_grad=True)  # 17 steps: chunks of 5, 5, 5, 2
+    mask = random_mask(6, 17, seed=4) if padded else None
+    initial = tuple(torch.randn(2 * stack.num_directions, 6, 8) for _ in range(stack.num_states))
+    plain = stack(inputs, initial, mask)
+    stack.gradient_checkpointing = True
+    checkpointed = stack(inputs, initial, mask)
+    assert_same(checkpointed, plain, inputs)
+    parameters = list(stack.parameters())
+    loss = lambda r: r.outputs.pow(2).sum() + sum(s.pow(2).sum() for s in r.state)  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(checkpointed), parameters), torch.autograd.grad(loss(plain), parameters)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert torch.all(packed_out[~mask] == 0)
-
-    grad_packed = torch.autograd.grad(packed_out.sum() + sum(s.sum() for s in packed_state), inputs)[0]
-    grad_steps = torch.autograd.grad(step_out.sum() + sum(s.sum() for s in state), inputs)[0]
-    torch.testing.assert_close(grad_packed, grad_steps, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", CELL_TYPES)
@@ -63,8 +115,8 @@ def test_padded_row_equals_row_alone(cell, bidirectional):
         padded[row, positions] = real[0]
         mask[row, positions] = True
 
-    alone_out, alone_state = stack(real)
-    out, state = stack(padded, None, mask)
+    alone_out, alone_state, _ = stack(real)
+    out, state, _ = stack(padded, None, mask)
     for row in range(3):
         torch.testing.assert_close(out[row][mask[row]], alone_out[0], atol=1e-5, rtol=1e-5)
         for a, b in zip(state, alone_state):
@@ -75,10 +127,11 @@ def test_row_without_tokens_keeps_its_state():
     stack = make_stack("lstm")
     initial = tuple(torch.randn(2, 2, 8) for _ in range(2))
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    out, state = stack(torch.randn(2, 3, 6), initial, mask)
-    for new, old in zip(state, initial):
-        torch.testing.assert_close(new[:, 1], old[:, 1])
-    assert torch.all(out[1] == 0)
+    for output_layers in (False, True):
+        out, state, _ = stack(torch.randn(2, 3, 6), initial, mask, output_layers=output_layers)
+        for new, old in zip(state, initial):
+            torch.testing.assert_close(new[:, 1], old[:, 1])
+        assert torch.all(out[1] == 0)
 
 
 def test_state_to_batch_first_concatenates_directions_per_layer():

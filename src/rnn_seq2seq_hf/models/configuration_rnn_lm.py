@@ -8,10 +8,12 @@ from .config_checks import (
     CELL_TYPES,
     check_bool,
     check_choice,
+    check_known_keys,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_token_id,
+    tolerating_unknown_keys,
 )
 
 
@@ -68,6 +70,7 @@ class RNNLMConfig(PreTrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        check_known_keys(type(self), kwargs)
         self.vocab_size = vocab_size
         self.embedding_size = embedding_size
         self.hidden_size = hidden_size
@@ -85,6 +88,13 @@ class RNNLMConfig(PreTrainedConfig):
         self.use_cache = use_cache
         super().__init__(**kwargs)
         self.check_values()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # A config.json (from a checkpoint, maybe written by another version) keeps transformers' tolerance of keys
+        # this version does not know; only configs built in code refuse them.
+        with tolerating_unknown_keys():
+            return super().from_dict(config_dict, **kwargs)
 
     def check_values(self) -> None:
         """Raise a `ValueError` naming the first field whose value is unknown, out of range or inconsistent.

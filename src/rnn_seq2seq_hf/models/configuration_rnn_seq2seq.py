@@ -8,10 +8,12 @@ from .config_checks import (
     CELL_TYPES,
     check_bool,
     check_choice,
+    check_known_keys,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_token_id,
+    tolerating_unknown_keys,
 )
 
 ATTENTION_TYPES = ("none", "bahdanau", "dot", "general", "concat")
@@ -60,6 +62,9 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
 
     model_type = "rnn_seq2seq"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # transformers code reads `num_hidden_layers`; here it means the decoder's layers, as in T5 and BART (the
+    # decoder is what generate() steps through). The encoder's depth is `encoder_layers`.
+    attribute_map = {"num_hidden_layers": "decoder_layers"}
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
         is_encoder_decoder: bool = True,
         **kwargs,
     ):
+        check_known_keys(type(self), kwargs)
         self.vocab_size = vocab_size
         self.embedding_size = embedding_size
         self.hidden_size = hidden_size
@@ -123,6 +129,13 @@ class RNNSeq2SeqConfig(PreTrainedConfig):
 
     def to_diff_dict(self) -> dict:
         return {**super().to_diff_dict(), "custom_pipelines": _custom_pipelines()}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # A config.json (from a checkpoint, maybe written by another version) keeps transformers' tolerance of keys
+        # this version does not know; only configs built in code refuse them.
+        with tolerating_unknown_keys():
+            return super().from_dict(config_dict, **kwargs)
 
     def check_values(self) -> None:
         """Raise a `ValueError` naming the first field whose value is unknown, out of range or inconsistent.

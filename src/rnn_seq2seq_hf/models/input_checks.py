@@ -2,6 +2,11 @@
 
 An out-of-range token id would otherwise fail inside `nn.Embedding` (on a GPU as an unreadable device-side assert),
 and a mask of the wrong shape could broadcast into a silently wrong answer.
+
+Checks of shapes, types and dtypes cost nothing. Checks of *values* (token ids in range, masks of 0 and 1) read the
+tensor on the host, which stalls a GPU; they run once per `forward` call on the whole input, never inside the
+decoding loop of `generate()` (which feeds only tokens it produced itself), and not while `torch.export` traces the
+model (the traced program cannot branch on values).
 """
 
 from __future__ import annotations
@@ -9,24 +14,50 @@ from __future__ import annotations
 import torch
 
 
+def values_checkable() -> bool:
+    """False while `torch.export` / `torch.jit.trace` records the model."""
+    return not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
 def check_token_ids(input_ids: object, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
-    """Raise unless `input_ids` is a non-empty `[B, T]` integer tensor of ids in [0, vocab_size)."""
+    """Return `input_ids` as an int32/int64 tensor; raise unless it is a non-empty `[B, T]` tensor of integer token
+    ids in [0, vocab_size). Other integer dtypes (uint8, int16, ...) are converted to int64."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch tensor of shape [batch, length], got {type(input_ids).__name__}.")
     if input_ids.dim() != 2:
         raise ValueError(f"`{name}` must have shape [batch, length], got shape {tuple(input_ids.shape)}.")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+        raise ValueError(f"`{name}` must hold integer token ids (int64 or int32), got dtype {input_ids.dtype}.")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        input_ids = input_ids.long()
     check_not_empty(input_ids.shape, name)
-    out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
-    if bool(out_of_range.any()):
-        bad = input_ids[out_of_range]
-        raise ValueError(
-            f"`{name}` holds token ids outside [0, vocab_size={vocab_size}): found "
-            f"{bad.min().item()}..{bad.max().item()} ({int(out_of_range.sum())} positions). "
-            "Was the tokenizer trained with a larger vocabulary?"
-        )
+    if values_checkable():
+        out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(out_of_range.any()):
+            bad = input_ids[out_of_range]
+            raise ValueError(
+                f"`{name}` holds token ids outside [0, vocab_size={vocab_size}): found "
+                f"{bad.min().item()}..{bad.max().item()} ({int(out_of_range.sum())} positions). "
+                "Was the tokenizer trained with a larger vocabulary?"
+            )
     return input_ids
+
+
+def check_inputs_embeds(inputs_embeds: object, embedding_size: int, name: str = "inputs_embeds") -> torch.Tensor:
+    """Raise unless `inputs_embeds` is a non-empty floating-point tensor `[B, T, embedding_size]`."""
+    if not isinstance(inputs_embeds, torch.Tensor):
+        raise ValueError(
+            f"`{name}` must be a torch tensor of shape [batch, length, {embedding_size}], "
+            f"got {type(inputs_embeds).__name__}."
+        )
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != embedding_size:
+        raise ValueError(
+            f"`{name}` must have shape [batch, length, {embedding_size}], got {tuple(inputs_embeds.shape)}."
+        )
+    if not inputs_embeds.dtype.is_floating_point:
+        raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {inputs_embeds.dtype}.")
+    check_not_empty(inputs_embeds.shape, name)
+    return inputs_embeds
 
 
 def check_not_empty(shape: torch.Size, name: str) -> None:
@@ -59,9 +90,10 @@ def check_attention_mask(
         raise ValueError(
             f"`{name}` must have shape {expected} to match the inputs, got {tuple(attention_mask.shape)}."
         )
-    attention_mask = attention_mask[:, -length:]
+    if attention_mask.shape[1] != length:
+        attention_mask = attention_mask[:, -length:]
     if attention_mask.dtype != torch.bool:
-        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        if values_checkable() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (token).")
         attention_mask = attention_mask.bool()
     return attention_mask
@@ -69,7 +101,7 @@ def check_attention_mask(
 
 def check_no_empty_rows(mask: torch.Tensor | None, name: str = "attention_mask") -> None:
     """Raise if a row of the mask has no token: such a row has no state to start from and nothing to attend to."""
-    if mask is None:
+    if mask is None or not values_checkable():
         return
     empty = ~mask.any(dim=1)
     if bool(empty.any()):
@@ -81,12 +113,18 @@ def check_no_empty_rows(mask: torch.Tensor | None, name: str = "attention_mask")
 
 
 def check_labels(labels: object, shape: tuple | None, vocab_size: int) -> None:
-    """Raise unless `labels` is `[B, T]` (exactly `shape` if given) and holds token ids or -100 (ignored)."""
+    """Raise unless `labels` is `[B, T]` (exactly `shape` if given, T >= 1) and holds token ids or -100 (ignored)."""
     expected = "[batch, length]" if shape is None else str(tuple(shape))
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"`labels` must be a tensor of shape {expected}, got {type(labels).__name__}.")
     if labels.dim() != 2 or (shape is not None and tuple(labels.shape) != tuple(shape)):
         raise ValueError(f"`labels` must have shape {expected} (one target per position), got {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must hold integer token ids (or -100), got dtype {labels.dtype}.")
+    if labels.shape[0] == 0 or labels.shape[1] == 0:
+        raise ValueError(f"`labels` is empty (shape {tuple(labels.shape)}): give at least one target token per row.")
+    if not values_checkable():
+        return
     invalid = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
     if bool(invalid.any()):
         raise ValueError(
@@ -110,8 +148,10 @@ def check_extra_kwargs(kwargs: dict, owner: str) -> None:
 __all__ = [
     "check_attention_mask",
     "check_extra_kwargs",
+    "check_inputs_embeds",
     "check_labels",
     "check_no_empty_rows",
     "check_not_empty",
     "check_token_ids",
+    "values_checkable",
 ]

@@ -16,16 +16,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_rnn import RNNCache
 from .configuration_rnn_lm import RNNLMConfig
+from .generation_rnn import RecurrentGenerationMixin
 from .input_checks import (
     check_attention_mask,
     check_extra_kwargs,
+    check_inputs_embeds,
     check_labels,
-    check_not_empty,
     check_token_ids,
 )
 from .output_layer import OutputLayer
 from .pretrained import RecurrentPreTrainedModel
 from .recurrent import RecurrentStack
+from .regularization import Dropout
 
 
 class RNNLMPreTrainedModel(RecurrentPreTrainedModel):
@@ -39,7 +41,7 @@ class RNNLMModel(RNNLMPreTrainedModel):
         config.check_values()
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.embedding_dropout = Dropout(config.embedding_dropout)
         self.rnn = RecurrentStack(
             config.cell_type,
             config.embedding_size,
@@ -77,7 +79,9 @@ class RNNLMModel(RNNLMPreTrainedModel):
             cache: an `RNNCache` from an earlier call, to continue from its state. It is updated in place.
             use_cache: return the state as an `RNNCache` (default: `config.use_cache`, but not in training mode).
             output_attentions: accepted for API compatibility; a recurrent LM has no attention.
-            output_hidden_states: also return `(embeddings, outputs of the recurrent stack)`.
+            output_hidden_states: also return the embeddings `[B, T, embedding_size]` and the outputs of every
+                recurrent layer `[B, T, hidden_size]` (`num_hidden_layers + 1` tensors; the layers then run one by
+                one, with the same results as the fused call).
 
         Returns:
             `BaseModelOutputWithPast` with `last_hidden_state` `[B, T, hidden_size]` and `cache`.
@@ -92,32 +96,26 @@ class RNNLMModel(RNNLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
+            input_ids = check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.embedding_size:
-            raise ValueError(
-                f"`inputs_embeds` must have shape [batch, length, {self.config.embedding_size}], "
-                f"got {tuple(inputs_embeds.shape)}."
-            )
         else:
-            check_not_empty(inputs_embeds.shape, "inputs_embeds")
+            check_inputs_embeds(inputs_embeds, self.config.embedding_size)
         batch_size, length = inputs_embeds.shape[:2]
 
         state = None
         if cache is not None:
             if not isinstance(cache, RNNCache):
                 raise ValueError(f"`cache` must be an RNNCache returned by this model, got {type(cache).__name__}.")
+            cache.check_compatible(
+                self.config.num_hidden_layers, self.rnn.num_states, self.config.hidden_size, batch_size, "this model"
+            )
             state = cache.get_state()
-            if state is not None and state[0].shape[1] != batch_size:
-                raise ValueError(
-                    f"`cache` holds the state of {state[0].shape[1]} sequences but the inputs have {batch_size}."
-                )
         mask = check_attention_mask(
             attention_mask, batch_size, length, past_length=cache.num_seen_tokens if cache is not None else 0
         )
 
         embeddings = self.embedding_dropout(inputs_embeds)
-        outputs, new_state = self.rnn(embeddings, state, mask)
+        outputs, new_state, layer_outputs = self.rnn(embeddings, state, mask, output_layers=output_hidden_states)
 
         if use_cache:
             if cache is None:
@@ -130,12 +128,12 @@ class RNNLMModel(RNNLMPreTrainedModel):
         result = BaseModelOutputWithPast(
             last_hidden_state=outputs,
             cache=cache,
-            hidden_states=(embeddings, outputs) if output_hidden_states else None,
+            hidden_states=(embeddings, *layer_outputs) if output_hidden_states else None,
         )
         return result if return_dict else result.to_tuple()
 
 
-class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
+class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, GenerationMixin):
     """Recurrent LM with a vocabulary projection: p(x_{t+1} | x_{<=t}).
 
     The output layer computes o_t = W_ho dropout(h_t) + b_o, plus W_xo x_t when `config.input_to_output`.
@@ -146,7 +144,7 @@ class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: RNNLMConfig):
         super().__init__(config)
         self.model = RNNLMModel(config)
-        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.output_dropout = Dropout(config.output_dropout)
         self.lm_head = OutputLayer(
             config.hidden_size, config.embedding_size, config.vocab_size, tie=config.tie_word_embeddings
         )
@@ -166,6 +164,16 @@ class RNNLMForCausalLM(RNNLMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head.linear = value
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        # transformers resizes the input embedding and the output layer; the input-to-output layer is vocabulary
+        # sized too.
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if self.input_to_output is not None:
+            self.input_to_output = self._get_resized_lm_head(
+                self.input_to_output, embeddings.weight.shape[0], transposed=False, mean_resizing=mean_resizing
+            )
+        return embeddings
 
     def forward(
         self,

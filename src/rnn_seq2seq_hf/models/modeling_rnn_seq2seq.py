@@ -23,29 +23,35 @@ This file imports only installed packages and sibling files, so it travels with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.utils import ModelOutput
 
 from .attention import build_attention
 from .cache_rnn import RNNCache
 from .configuration_rnn_seq2seq import RNNSeq2SeqConfig
+from .generation_rnn import RecurrentGenerationMixin
 from .input_checks import (
     check_attention_mask,
     check_extra_kwargs,
+    check_inputs_embeds,
     check_labels,
     check_no_empty_rows,
-    check_not_empty,
     check_token_ids,
 )
 from .output_layer import OutputLayer
 from .pipeline_seq2seq import Seq2SeqGenerationPipeline  # noqa: F401  (imported so its file travels with checkpoints)
 from .pretrained import RecurrentPreTrainedModel
 from .recurrent import RecurrentStack, RNNState, state_to_batch_first
+from .regularization import Dropout
 
 LUONG_ATTENTION = ("dot", "general", "concat")
 
@@ -59,7 +65,8 @@ class RNNEncoderOutput(ModelOutput):
         final_hidden_state: `[B, encoder_layers, hidden_size]` final `h` of every layer (directions concatenated);
             for the backward direction "final" means after reading the first token.
         final_cell_state: same for an LSTM's `c`, else None.
-        hidden_states: `(embeddings, outputs)` when asked for.
+        hidden_states: when asked for, the embeddings `[B, S, embedding_size]` and the outputs of every encoder
+            layer `[B, S, hidden_size]` (`encoder_layers + 1` tensors).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -77,7 +84,7 @@ class RNNEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.embedding_dropout = Dropout(config.embedding_dropout)
         self.rnn = RecurrentStack(
             config.cell_type,
             config.embedding_size,
@@ -100,28 +107,69 @@ class RNNEncoder(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
+            input_ids = check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.embedding_size:
-            raise ValueError(
-                f"`inputs_embeds` must have shape [batch, length, {self.config.embedding_size}], "
-                f"got {tuple(inputs_embeds.shape)}."
-            )
         else:
-            check_not_empty(inputs_embeds.shape, "inputs_embeds")
+            check_inputs_embeds(inputs_embeds, self.config.embedding_size)
         mask = check_attention_mask(attention_mask, *inputs_embeds.shape[:2])
         check_no_empty_rows(mask)
 
         embeddings = self.embedding_dropout(inputs_embeds)
-        outputs, final_state = self.rnn(embeddings, None, mask)
+        outputs, final_state, layer_outputs = self.rnn(
+            embeddings, None, mask, output_layers=bool(output_hidden_states)
+        )
         final = state_to_batch_first(final_state, self.config.encoder_layers)
         result = RNNEncoderOutput(
             last_hidden_state=outputs,
             final_hidden_state=final[0],
             final_cell_state=final[1] if len(final) > 1 else None,
-            hidden_states=(embeddings, outputs) if output_hidden_states else None,
+            hidden_states=(embeddings, *layer_outputs) if output_hidden_states else None,
         )
         return result if return_dict is not False else result.to_tuple()
+
+
+def as_encoder_output(encoder_outputs: object, config: RNNSeq2SeqConfig) -> RNNEncoderOutput:
+    """`encoder_outputs` as an `RNNEncoderOutput`, checked: an `RNNEncoderOutput`, its tuple form, or any mapping /
+    `ModelOutput` with the same fields (`last_hidden_state` `[B, S, hidden_size]`, and the final states the bridge
+    reads)."""
+    if isinstance(encoder_outputs, RNNEncoderOutput):
+        result = encoder_outputs
+    elif isinstance(encoder_outputs, dict):  # ModelOutput is a dict
+        unknown = sorted(set(encoder_outputs) - {f.name for f in fields(RNNEncoderOutput)})
+        if unknown:
+            raise ValueError(
+                f"`encoder_outputs` has unknown fields {unknown}; pass what `model.get_encoder()` returns."
+            )
+        result = RNNEncoderOutput(**encoder_outputs)
+    elif isinstance(encoder_outputs, (tuple, list)) and 1 <= len(encoder_outputs) <= 4:
+        result = RNNEncoderOutput(*encoder_outputs)
+    else:
+        raise ValueError(
+            "`encoder_outputs` must be what `model.get_encoder()` returns (an RNNEncoderOutput, or its tuple "
+            f"`(last_hidden_state, final_hidden_state, final_cell_state, ...)`), got {type(encoder_outputs).__name__}."
+        )
+    memory = result.last_hidden_state
+    if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[-1] != config.hidden_size:
+        got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+        raise ValueError(
+            f"`encoder_outputs.last_hidden_state` must be a tensor [batch, source length, {config.hidden_size}], "
+            f"got {got}."
+        )
+    needed = (
+        []
+        if config.bridge == "zero"
+        else ["final_hidden_state"] + (["final_cell_state"] if config.cell_type == "lstm" else [])
+    )
+    expected = (memory.shape[0], config.encoder_layers, config.hidden_size)
+    for name in needed:
+        value = getattr(result, name)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+            raise ValueError(
+                f"`encoder_outputs.{name}` must be a tensor of shape {expected} (bridge={config.bridge!r} starts the "
+                f"decoder from it), got {got}; pass what `model.get_encoder()` returns."
+            )
+    return result
 
 
 class Bridge(nn.Module):
@@ -140,11 +188,13 @@ class Bridge(nn.Module):
 
     def forward(self, encoder_outputs: RNNEncoderOutput) -> RNNState:
         """Returns `(h,)` or `(h, c)`, each `[decoder_layers, B, hidden_size]`."""
+        if self.kind == "zero":
+            memory = encoder_outputs.last_hidden_state
+            shape = (self.num_layers, memory.shape[0], self.hidden_size)
+            return tuple(memory.new_zeros(shape) for _ in range(2 if self.is_lstm else 1))
         final = [encoder_outputs.final_hidden_state]  # [B, encoder_layers, H]
         if self.is_lstm:
             final.append(encoder_outputs.final_cell_state)
-        if self.kind == "zero":
-            return tuple(torch.zeros_like(t[:, -1]).expand(self.num_layers, -1, -1).contiguous() for t in final)
         if self.kind == "last":
             return tuple(t.transpose(0, 1).contiguous() for t in final)
         projections = [self.hidden_projection, self.cell_projection][: len(final)]
@@ -155,23 +205,42 @@ class Bridge(nn.Module):
         )
 
 
+class DecoderOutput(NamedTuple):
+    """What `RNNDecoder.forward` returns.
+
+    Attributes:
+        features: the output features a_t `[B, T, H]` (after output dropout), the input of the vocabulary projection.
+        attention_weights: `[B, T, S]`, or None without attention.
+        embeddings: the decoder input embeddings `[B, T, E]` (after embedding dropout).
+        layer_outputs: with `output_layers=True`, the outputs of every recurrent layer (`[B, T, H]` each).
+    """
+
+    features: torch.Tensor
+    attention_weights: torch.Tensor | None
+    embeddings: torch.Tensor
+    layer_outputs: tuple[torch.Tensor, ...] | None = None
+
+
 class RNNDecoder(nn.Module):
     """Recurrent decoder with attention over the encoder outputs; see the module docstring for the equations.
 
     Attributes:
         use_fused: take the one-call path where the configuration allows it (True by default). Set it to False to
             run the step-by-step reference instead; both give the same outputs and gradients.
+        gradient_checkpointing: set by `activation_checkpointing_enable`; the step-by-step path then recomputes
+            chunks of about sqrt(T) steps in the backward pass (the fused path checkpoints inside the stack).
     """
 
     def __init__(self, config: RNNSeq2SeqConfig):
         super().__init__()
         hidden, embedding = config.hidden_size, config.embedding_size
+        self.config = config
         self.attention_type = config.attention_type
         self.input_feeding = config.input_feeding
         self.hidden_size = hidden
         self.embed_tokens = nn.Embedding(config.vocab_size, embedding, padding_idx=config.pad_token_id)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
-        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.embedding_dropout = Dropout(config.embedding_dropout)
+        self.output_dropout = Dropout(config.output_dropout)
         rnn_input_size = embedding
         rnn_input_size += hidden if self.attention_type == "bahdanau" else 0  # context c_t
         rnn_input_size += hidden if self.input_feeding else 0  # previous attentional state a_{t-1}
@@ -185,6 +254,8 @@ class RNNDecoder(nn.Module):
             self.deep_output = nn.Linear(2 * hidden + embedding, hidden)  # W_o
         self.bridge = Bridge(config)
         self.use_fused = True
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     @property
     def can_fuse(self) -> bool:
@@ -192,70 +263,104 @@ class RNNDecoder(nn.Module):
         return self.attention_type != "bahdanau" and not self.input_feeding
 
     def init_cache(self, encoder_outputs: RNNEncoderOutput) -> RNNCache:
-        """A cache holding the initial decoder state and what decoding reuses at every step."""
+        """A cache holding the initial decoder state, bound to the encoder memory it belongs to."""
         cache = RNNCache(self.rnn.num_layers, self.rnn.num_states)
         cache.set_state(self.bridge(encoder_outputs))
         memory = encoder_outputs.last_hidden_state
-        if self.attention is not None:
-            cache.extras["memory_keys"] = self.attention.project_memory(memory)  # [B, S, K]
+        cache.bind_memory(memory)
         if self.input_feeding:
             cache.extras["input_feed"] = memory.new_zeros(memory.shape[0], self.hidden_size)  # a_0 = 0
         return cache
 
+    def attention_keys(self, memory: torch.Tensor, cache: RNNCache) -> torch.Tensor | None:
+        """The attention keys `[B, S, K]` of `memory`, computed once per memory tensor (see `RNNCache`)."""
+        return None if self.attention is None else cache.attention_keys(memory, self.attention.project_memory)
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None,
         cache: RNNCache,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Decode `input_ids` `[B, T]` from the state in `cache` (updated in place).
+        inputs_embeds: torch.Tensor | None = None,
+        output_layers: bool = False,
+    ) -> DecoderOutput:
+        """Decode `input_ids` `[B, T]` (or `inputs_embeds` `[B, T, E]`) from the state in `cache` (updated in place).
 
         Args:
             memory: encoder outputs `[B, S, H]`; memory_mask: `[B, S]` bool or None.
             mask: `[B, T]` bool, False at decoder padding (skipped), or None.
-
-        Returns:
-            features a_t `[B, T, H]` (after output dropout), attention weights `[B, T, S]` (None without
-            attention), and the embeddings `[B, T, E]`.
+            output_layers: also return the outputs of every recurrent layer.
         """
-        embeddings = self.embedding_dropout(self.embed_tokens(input_ids))
+        embeddings = self.embedding_dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        keys = self.attention_keys(memory, cache)
         if self.use_fused and self.can_fuse:
-            features, weights = self._forward_fused(embeddings, memory, memory_mask, cache, mask)
+            features, weights, layers = self._forward_fused(
+                embeddings, memory, keys, memory_mask, cache, mask, output_layers
+            )
         else:
-            features, weights = self._forward_steps(embeddings, memory, memory_mask, cache, mask)
-        return features, weights, embeddings
+            features, weights, layers = self._forward_steps(
+                embeddings, memory, keys, memory_mask, cache, mask, output_layers
+            )
+        return DecoderOutput(features, weights, embeddings, layers)
 
-    def _forward_fused(self, embeddings, memory, memory_mask, cache, mask):
-        outputs, state = self.rnn(embeddings, cache.get_state(), mask)  # [B, T, H]
+    def _forward_fused(self, embeddings, memory, keys, memory_mask, cache, mask, output_layers):
+        """All target positions at once: one recurrent call (`[B, T, H]`), then batched attention over them."""
+        outputs, state, layers = self.rnn(embeddings, cache.get_state(), mask, output_layers=output_layers)
         cache.set_state(state)
         if self.attention is None:
-            return self.output_dropout(outputs), None
-        context, weights = self.attention(outputs, memory, cache.extras["memory_keys"], memory_mask)
+            return self.output_dropout(outputs), None, layers
+        context, weights = self.attention(outputs, memory, keys, memory_mask)
         attentional = torch.tanh(self.attentional_layer(torch.cat([context, outputs], dim=-1)))
-        return self.output_dropout(attentional), weights
+        return self.output_dropout(attentional), weights, layers
 
-    def _forward_steps(self, embeddings, memory, memory_mask, cache, mask):
+    def _forward_steps(self, embeddings, memory, keys, memory_mask, cache, mask, output_layers):
+        """The reference: one `step` per target position, carrying the state (and a_{t-1} with input feeding)."""
         state = cache.get_state()
         input_feed = cache.extras.get("input_feed")
-        keys = cache.extras.get("memory_keys")
-        features, weights = [], []
+        steps = embeddings.shape[1]
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and steps > 1
+        chunk = max(1, math.ceil(math.sqrt(steps))) if checkpointing else steps
+        features, weights, layers = [], [], []
+        for start in range(0, steps, chunk):
+            piece = slice(start, start + chunk)
+            piece_mask = mask[:, piece] if mask is not None else None
+            arguments = (embeddings[:, piece], memory, keys, memory_mask, piece_mask, input_feed, output_layers)
+            if checkpointing:
+                result = self._gradient_checkpointing_func(self._steps, *arguments, *state)
+            else:
+                result = self._steps(*arguments, *state)
+            piece_features, piece_weights, input_feed, *rest = result
+            state, piece_layers = tuple(rest[: len(state)]), rest[len(state) :]
+            features.append(piece_features)
+            weights.append(piece_weights)
+            layers.append(piece_layers)
+        cache.set_state(state)
+        if self.input_feeding:
+            cache.extras["input_feed"] = input_feed
+        weights = torch.cat(weights, dim=1) if self.attention is not None else None
+        layers = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layers)) if output_layers else None
+        return torch.cat(features, dim=1), weights, layers
+
+    def _steps(self, embeddings, memory, keys, memory_mask, mask, input_feed, output_layers, *state):
+        """`step` over every position of `embeddings` `[B, T, E]`; returns features, weights, input feed, the
+        state tensors and, with `output_layers`, the per-layer outputs (flat, so it can be checkpointed)."""
+        features, weights, layers = [], [], []
         for t in range(embeddings.shape[1]):
             step_mask = mask[:, t : t + 1] if mask is not None else None
-            feature, weight, state = self.step(
-                embeddings[:, t : t + 1], state, input_feed, memory, keys, memory_mask, step_mask
+            feature, weight, state, step_layers = self.step(
+                embeddings[:, t : t + 1], state, input_feed, memory, keys, memory_mask, step_mask, output_layers
             )
             if self.input_feeding:
                 new_feed = feature[:, 0]
                 input_feed = new_feed if step_mask is None else torch.where(step_mask, new_feed, input_feed)
             features.append(feature)
             weights.append(weight)
-        cache.set_state(state)
-        if self.input_feeding:
-            cache.extras["input_feed"] = input_feed
+            layers.append(step_layers)
         weights = torch.cat(weights, dim=1) if self.attention is not None else None
-        return torch.cat(features, dim=1), weights
+        per_layer = tuple(torch.cat(outputs, dim=1) for outputs in zip(*layers)) if output_layers else ()
+        return (torch.cat(features, dim=1), weights, input_feed, *state, *per_layer)
 
     def step(
         self,
@@ -266,8 +371,10 @@ class RNNDecoder(nn.Module):
         keys: torch.Tensor | None,
         memory_mask: torch.Tensor | None,
         step_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, RNNState]:
-        """One decoder step: embedding `[B, 1, E]` and state -> features `[B, 1, H]`, weights `[B, 1, S]`, state."""
+        output_layers: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RNNState, tuple[torch.Tensor, ...] | None]:
+        """One decoder step: embedding `[B, 1, E]` and state -> features `[B, 1, H]`, weights `[B, 1, S]`, the new
+        state and (with `output_layers`) the outputs of every layer `[B, 1, H]`."""
         rnn_inputs = [embedding]
         # 1. Bahdanau attends with the previous state s_{t-1} (top layer's h) and feeds the context to the RNN.
         if self.attention_type == "bahdanau":
@@ -277,7 +384,8 @@ class RNNDecoder(nn.Module):
         if self.input_feeding:
             rnn_inputs.append(input_feed[:, None, :])
         # 3. The recurrent update.
-        output, state = self.rnn(torch.cat(rnn_inputs, dim=-1), state, step_mask)  # [B, 1, H]
+        rnn_input = torch.cat(rnn_inputs, dim=-1) if len(rnn_inputs) > 1 else embedding
+        output, state, layers = self.rnn(rnn_input, state, step_mask, output_layers=output_layers)  # [B, 1, H]
         # 4. The output features: Luong attends with the new h_t; Bahdanau's deep output; or h_t alone.
         if self.attention_type in LUONG_ATTENTION:
             context, weights = self.attention(output, memory, keys, memory_mask)
@@ -286,7 +394,7 @@ class RNNDecoder(nn.Module):
             feature = torch.tanh(self.deep_output(torch.cat([output, context, embedding], dim=-1)))
         else:
             feature, weights = output, None
-        return self.output_dropout(feature), weights, state
+        return self.output_dropout(feature), weights, state, layers
 
 
 class RNNSeq2SeqPreTrainedModel(RecurrentPreTrainedModel):
@@ -322,7 +430,12 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
         if self.config.share_embeddings:
             self.decoder.embed_tokens = value
 
-    def get_encoder(self) -> RNNEncoder:
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        resize_decoder_embeddings(self, self.decoder, embeddings.weight.shape[0], mean_resizing)
+        return embeddings
+
+    def get_encoder(self, modality: str | None = None) -> RNNEncoder:
         return self.encoder
 
     def get_decoder(self) -> RNNDecoder:
@@ -337,6 +450,7 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
         encoder_outputs: RNNEncoderOutput | tuple | None = None,
         cache: RNNCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        decoder_inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -347,13 +461,17 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
             input_ids: `[B, S]` source token ids (or `inputs_embeds` `[B, S, E]`, or precomputed `encoder_outputs`).
             attention_mask: `[B, S]`, 1 for source tokens, 0 for padding (skipped by the encoder, never attended).
             decoder_input_ids: `[B, T]` decoder inputs (the targets shifted right, starting with
-                `decoder_start_token_id`). With a `cache`, only the tokens the cache has not consumed yet.
+                `decoder_start_token_id`), or `decoder_inputs_embeds` `[B, T, E]`. With a `cache`, only the tokens
+                the cache has not consumed yet.
             decoder_attention_mask: `[B, T]` (or `[B, P + T]` with a cache that has seen P positions); decoder
                 padding is skipped like source padding. Optional: right padding needs no mask.
             encoder_outputs: an `RNNEncoderOutput` (or tuple) from `get_encoder()`, to encode only once.
-            cache: an `RNNCache` from an earlier call, to continue decoding from; updated in place.
+            cache: an `RNNCache` from an earlier call for the same source, to continue decoding from; updated in
+                place. A cache of another source, cell type or size is refused.
             output_attentions: return the attention weights in `cross_attentions` (one `[B, 1, T, S]` tensor).
-            output_hidden_states: return `(embeddings, features)` of the encoder and of the decoder.
+            output_hidden_states: return the embeddings and the outputs of every recurrent layer, of the encoder
+                (`encoder_layers + 1` tensors) and of the decoder (`decoder_layers + 1` tensors; the decoder's
+                `last_hidden_state` is the attentional output a_t computed from the last of them).
 
         Returns:
             `Seq2SeqModelOutput` with `last_hidden_state` `[B, T, hidden_size]`, `cache`,
@@ -375,41 +493,70 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, RNNEncoderOutput):
-            encoder_outputs = RNNEncoderOutput(*encoder_outputs)
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs, self.config)
         memory = encoder_outputs.last_hidden_state  # [B, S, H]
         memory_mask = check_attention_mask(attention_mask, *memory.shape[:2])
 
-        if decoder_input_ids is None:
-            raise ValueError("Give `decoder_input_ids`, or `labels` to the ForConditionalGeneration head.")
-        check_token_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
-        batch_size, length = decoder_input_ids.shape
+        if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
+            raise ValueError(
+                "Give exactly one of `decoder_input_ids` and `decoder_inputs_embeds` (or `labels` to the "
+                "ForConditionalGeneration head)."
+            )
+        if decoder_input_ids is not None:
+            decoder_input_ids = check_token_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+            batch_size, length = decoder_input_ids.shape
+        else:
+            check_inputs_embeds(decoder_inputs_embeds, self.config.embedding_size, "decoder_inputs_embeds")
+            batch_size, length = decoder_inputs_embeds.shape[:2]
         if batch_size != memory.shape[0]:
             raise ValueError(
-                f"`decoder_input_ids` has {batch_size} rows but the encoder outputs have {memory.shape[0]}."
+                f"the decoder inputs have {batch_size} rows but the encoder outputs have {memory.shape[0]}."
             )
         if cache is None:
             cache = self.decoder.init_cache(encoder_outputs)
         elif not isinstance(cache, RNNCache):
             raise ValueError(f"`cache` must be an RNNCache returned by this model, got {type(cache).__name__}.")
-        elif cache.batch_size != batch_size:
-            raise ValueError(f"`cache` holds {cache.batch_size} sequences but `decoder_input_ids` has {batch_size}.")
+        else:
+            cache.check_compatible(
+                self.config.decoder_layers,
+                self.decoder.rnn.num_states,
+                self.config.hidden_size,
+                batch_size,
+                "this model's decoder",
+            )
+            cache.check_memory(memory)
         decoder_mask = check_attention_mask(
             decoder_attention_mask, batch_size, length, "decoder_attention_mask", past_length=cache.num_seen_tokens
         )
 
-        features, weights, embeddings = self.decoder(decoder_input_ids, memory, memory_mask, cache, decoder_mask)
+        decoded = self.decoder(
+            decoder_input_ids,
+            memory,
+            memory_mask,
+            cache,
+            decoder_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            output_layers=output_hidden_states,
+        )
         cache.num_seen_tokens += length
+        weights = decoded.attention_weights
 
         result = Seq2SeqModelOutput(
-            last_hidden_state=features,
+            last_hidden_state=decoded.features,
             cache=cache if use_cache else None,
-            decoder_hidden_states=(embeddings, features) if output_hidden_states else None,
+            decoder_hidden_states=(decoded.embeddings, *decoded.layer_outputs) if output_hidden_states else None,
             cross_attentions=(weights[:, None],) if output_attentions and weights is not None else None,
             encoder_last_hidden_state=memory,
             encoder_hidden_states=encoder_outputs.hidden_states,
         )
         return result if return_dict else result.to_tuple()
+
+
+def resize_decoder_embeddings(model: PreTrainedModel, decoder: RNNDecoder, size: int, mean_resizing: bool) -> None:
+    """Give the decoder embedding `size` rows too, unless it is the encoder's (shared embeddings)."""
+    if decoder.embed_tokens.weight.shape[0] != size:
+        model._get_resized_embeddings(decoder.embed_tokens, size, mean_resizing=mean_resizing)
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -437,7 +584,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: i
     return total / num_items_in_batch
 
 
-class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMixin):
+class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPreTrainedModel, GenerationMixin):
     """The Seq2Seq model with its vocabulary projection: p(y_t | y_<t, x). Translate with `generate()`."""
 
     def __init__(self, config: RNNSeq2SeqConfig):
@@ -470,7 +617,14 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head.linear = value
 
-    def get_encoder(self) -> RNNEncoder:
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        # transformers resizes the encoder embedding (get_input_embeddings) and the output layer; an unshared
+        # decoder embedding is vocabulary sized too. Ties are restored by resize_token_embeddings afterwards.
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        resize_decoder_embeddings(self, self.model.decoder, embeddings.weight.shape[0], mean_resizing)
+        return embeddings
+
+    def get_encoder(self, modality: str | None = None) -> RNNEncoder:
         return self.model.encoder
 
     def get_decoder(self) -> RNNDecoder:
@@ -490,6 +644,7 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
         encoder_outputs: RNNEncoderOutput | tuple | None = None,
         cache: RNNCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        decoder_inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -499,8 +654,8 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
     ) -> Seq2SeqLMOutput | tuple:
         r"""
         Args:
-            labels: `[B, T]` target token ids, -100 ignored. Without `decoder_input_ids`, the decoder inputs are
-                the labels shifted right behind `decoder_start_token_id`.
+            labels: `[B, T]` target token ids, -100 ignored. Without `decoder_input_ids` / `decoder_inputs_embeds`,
+                the decoder inputs are the labels shifted right behind `decoder_start_token_id`.
             num_items_in_batch: (keyword) target-token count of the whole accumulated batch, passed by `Trainer`.
             Others: as in [`RNNSeq2SeqModel.forward`].
 
@@ -509,9 +664,10 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
         """
         check_extra_kwargs(kwargs, type(self).__name__)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if labels is not None and decoder_input_ids is None:
+        if labels is not None:
             check_labels(labels, None, self.config.vocab_size)
-            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -520,6 +676,7 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
             encoder_outputs=encoder_outputs,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -529,7 +686,7 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
 
         loss = None
         if labels is not None:
-            check_labels(labels, decoder_input_ids.shape, self.config.vocab_size)
+            check_labels(labels, logits.shape[:2], self.config.vocab_size)
             loss = token_loss(logits, labels, kwargs.get("num_items_in_batch"))
 
         result = Seq2SeqLMOutput(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from .initialization import init_weights_uniform
 
@@ -14,7 +17,8 @@ class RecurrentPreTrainedModel(PreTrainedModel):
 
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    # The recurrent stacks recompute chunks of time steps (or layers) in the backward pass; see recurrent.py.
+    supports_gradient_checkpointing = True
     # The state lives in the cache and cannot be rolled back, so assisted decoding refuses cleanly instead of
     # producing wrong text.
     _is_stateful = True
@@ -30,10 +34,36 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         init_weights_uniform(module, self.config.initializer_range)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, stricter: weights come from safetensors only (never a pickle), and a
+        checkpoint whose tensors do not match the model (a missing or unexpected tensor, a tensor of another shape)
+        or whose `generation_config.json` is broken is an error naming the file and the keys, not a warning with
+        silently changed outputs. Keys merely absent from an older config.json take their defaults as usual."""
+        kwargs.setdefault("use_safetensors", True)
+        if kwargs["use_safetensors"] is not True:
+            raise ValueError(
+                f"`use_safetensors` must be True for {cls.__name__}: weights are loaded from safetensors only "
+                "(pickled `pytorch_model.bin` files can run code when loaded)."
+            )
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except OSError:
+            folder = Path(str(pretrained_model_name_or_path))
+            if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+                raise OSError(
+                    f"{folder}: no safetensors weights (only {sorted(p.name for p in folder.glob('*.bin'))}); "
+                    "this library loads safetensors only. Convert the checkpoint once, where you trust it: "
+                    "`model = ...from_pretrained(folder, use_safetensors=False, weights_only=True)` with plain "
+                    "transformers, then `model.save_pretrained(new_folder)`."
+                ) from None
+            raise
+        check_loading_info(info, pretrained_model_name_or_path)
+        check_generation_config_file(pretrained_model_name_or_path)
         model.realign_weights()
-        return model
+        return (model, info) if want_info else model
 
     def flatten_recurrent_weights(self) -> None:
         """Put each recurrent layer's weights back into one contiguous buffer (cuDNN's layout); call after moving
@@ -58,6 +88,41 @@ class RecurrentPreTrainedModel(PreTrainedModel):
             if isinstance(module, nn.RNNBase):
                 module._init_flat_weights()
         self.flatten_recurrent_weights()
+
+
+def check_loading_info(info: dict, source) -> None:
+    """Raise a `ValueError` naming the tensors when the checkpoint's weights do not fit the model."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing tensors {sorted(info['missing_keys'])[:10]}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected tensors {sorted(info['unexpected_keys'])[:10]}")
+    if info.get("mismatched_keys"):
+        shapes = [
+            f"{key}: {tuple(saved)} in the file, {tuple(model)} in the model"
+            for key, saved, model in list(info["mismatched_keys"])[:10]
+        ]
+        problems.append(f"tensors of another shape ({'; '.join(shapes)})")
+    if problems:
+        raise ValueError(
+            f"{source}: the weights (model.safetensors) do not match config.json: {', '.join(problems)}. The "
+            "checkpoint is damaged or its config.json was edited; outputs would silently change, so it is not loaded."
+        )
+
+
+def check_generation_config_file(source) -> None:
+    """Raise naming the file when a local `generation_config.json` exists but is not a valid generation config."""
+    path = Path(str(source)) / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        GenerationConfig.from_dict(values).validate(strict=True)
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a valid generation config ({reason}).") from None
 
 
 __all__ = ["RecurrentPreTrainedModel"]

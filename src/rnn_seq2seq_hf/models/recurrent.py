@@ -4,23 +4,53 @@ The stack wraps one multi-layer `nn.RNN` / `nn.LSTM` / `nn.GRU` (one cuDNN call 
 a position whose mask is False is *skipped*: it leaves the recurrent state unchanged and its output is zero. So a
 sequence gives the same states and outputs whether it is alone, left-padded, right-padded or padded in the middle.
 
-Two ways to the same result, kept side by side:
-- one token (T == 1): run the cell and keep the old state where the mask is False (`torch.where`); this is the
-  reference, and the decoding path, where it costs no host-device synchronisation;
-- T > 1 with padding: move each row's valid positions to its front, run them as a packed sequence, and put the
-  outputs back at their own positions. Rows without any valid position keep their state.
-Tests check the packed path against a loop of one-token calls.
+Ways to the same result, kept side by side (tests check each against the scan):
+- the scan (`_run_scan`): every layer, every direction, one time step after another, keeping the old state where the
+  mask is False (`torch.where`). The plain reference; also what runs while `torch.export` traces (no data-dependent
+  branch, no host synchronisation).
+- one token (T == 1): the fused multi-layer call and `torch.where`; the decoding path, with no host-device
+  synchronisation.
+- T > 1 with padding: move each row's valid positions to its front ("compact" rows), run them as a packed sequence,
+  and put the outputs back at their own positions. Rows without any valid position keep their state.
+- T > 1 without padding: one fused call.
+The fused calls run all layers at once. When the outputs of every layer are asked for (`output_layers=True`), or a
+bidirectional stack is trained with gradient checkpointing, the layers run one by one over the same weights.
+
+Gradient checkpointing (`gradient_checkpointing = True`, set by `PreTrainedModel.activation_checkpointing_enable`):
+in training, a unidirectional stack runs over chunks of about sqrt(T) time steps, each chunk recomputed in the
+backward pass, so the activations kept are those of one chunk plus the states between chunks; a bidirectional stack
+(whose backward direction needs the whole sequence) is checkpointed layer by layer.
 
 State layout: a tuple `(h,)`, or `(h, c)` for an LSTM, each `[num_layers * num_directions, B, H]` (torch's layout).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple
+
 import torch
-from torch import nn
+from torch import _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.checkpoint import checkpoint
 
 RNNState = tuple[torch.Tensor, ...]
+
+
+class RecurrentOutput(NamedTuple):
+    """What `RecurrentStack.forward` returns.
+
+    Attributes:
+        outputs: `[B, T, num_directions * H]`, zero at masked positions.
+        state: the final state; for every row the state after its last real token.
+        layer_outputs: with `output_layers=True`, the outputs of every layer (`num_layers` tensors shaped like
+            `outputs`, the last one equal to it), else None.
+    """
+
+    outputs: torch.Tensor
+    state: RNNState
+    layer_outputs: tuple[torch.Tensor, ...] | None = None
 
 
 def build_rnn(
@@ -43,6 +73,11 @@ def build_rnn(
     if cell_type in ("rnn_tanh", "rnn_relu"):
         return nn.RNN(nonlinearity=cell_type[4:], **common)
     raise ValueError(f"`cell_type` must be one of ['rnn_tanh', 'rnn_relu', 'lstm', 'gru'], got {cell_type!r}.")
+
+
+def _is_tracing() -> bool:
+    """True while `torch.export` / `torch.jit.trace` records the model: no data-dependent branches then."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class RecurrentStack(nn.Module):
@@ -68,10 +103,14 @@ class RecurrentStack(nn.Module):
     ):
         super().__init__()
         self.rnn = build_rnn(cell_type, input_size, hidden_size, num_layers, dropout, bidirectional)
+        self.cell_type = cell_type
         self.is_lstm = cell_type == "lstm"
         self.num_layers = num_layers
         self.num_directions = 2 if bidirectional else 1
         self.hidden_size = hidden_size
+        # set by PreTrainedModel.activation_checkpointing_enable (with the function to checkpoint with)
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     @property
     def num_states(self) -> int:
@@ -84,71 +123,218 @@ class RecurrentStack(nn.Module):
         return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_states))
 
     def forward(
-        self, inputs: torch.Tensor, state: RNNState | None = None, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RNNState]:
+        self,
+        inputs: torch.Tensor,
+        state: RNNState | None = None,
+        mask: torch.Tensor | None = None,
+        output_layers: bool = False,
+    ) -> RecurrentOutput:
         """Run the stack over `inputs`, skipping masked positions.
 
         Args:
             inputs: `[B, T, input_size]`.
             state: initial state (see module docstring) or None for zeros.
             mask: `[B, T]` bool, True for real tokens; None means no padding.
+            output_layers: also return the outputs of every layer (runs the layers one by one).
 
         Returns:
-            outputs `[B, T, num_directions * H]` (zero at masked positions) and the final state, which for every row
-            is the state after its last real token.
+            a `RecurrentOutput` (outputs, final state, per-layer outputs or None).
         """
-        if state is None:
-            state = self.zero_state(inputs.shape[0], inputs.device, self.rnn.weight_ih_l0.dtype)
-        if mask is None:
-            return self._run(inputs, state)
-        if inputs.shape[1] == 1:
-            return self._run_one_step(inputs, state, mask)
-        if bool(mask.all()):
-            return self._run(inputs, state)
-        return self._run_packed(inputs, state, mask)
-
-    def _run(self, inputs: torch.Tensor | nn.utils.rnn.PackedSequence, state: RNNState):
         # Mixed-precision policy: the recurrence always runs in its weights' dtype (fp32 unless the model was cast),
         # never in autocast's. Under bf16 autocast PyTorch would run cuDNN LSTM/GRU in fp16 without a gradient
         # scaler, and errors would compound over time steps; the projections around the recurrence still autocast.
         dtype = self.rnn.weight_ih_l0.dtype
-        if isinstance(inputs, nn.utils.rnn.PackedSequence):
-            inputs = inputs._replace(data=inputs.data.to(dtype))
-        else:
+        if inputs.dtype != dtype:
             inputs = inputs.to(dtype)
-        state = tuple(tensor.to(dtype) for tensor in state)
+        if state is None:
+            state = self.zero_state(inputs.shape[0], inputs.device, dtype)
+        elif any(tensor.dtype != dtype for tensor in state):
+            state = tuple(tensor.to(dtype) for tensor in state)
         if inputs.is_cuda and not weights_share_one_buffer(self.rnn):
             # Something outside the model (a device move by other code, `param.data = ...`) left the weights in
             # separate buffers; cuDNN would then copy them into one on every call (and warn). Re-flatten once.
             self.rnn.flatten_parameters()
-        with torch.autocast(device_type=self.rnn.weight_ih_l0.device.type, enabled=False):
-            outputs, final = self.rnn(inputs, state if self.is_lstm else state[0])
-        return outputs, (tuple(final) if self.is_lstm else (final,))
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            if mask is not None and inputs.shape[1] == 1:
+                return self._run_one_step(inputs, state, mask, output_layers)
+            if mask is not None and _is_tracing():
+                return self._run_scan(inputs, state, mask)
+            if mask is None or bool(mask.all()):
+                outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
+                return RecurrentOutput(outputs, new_state, layers)
+            return self._run_padded(inputs, state, mask, output_layers)
 
-    def _run_one_step(self, inputs: torch.Tensor, state: RNNState, mask: torch.Tensor):
-        outputs, new_state = self._run(inputs, state)
+    # --- the paths ------------------------------------------------------------------------------------------------
+
+    def _run_one_step(self, inputs, state, mask, output_layers) -> RecurrentOutput:
+        outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
         keep = mask[:, 0]  # [B]
         new_state = tuple(torch.where(keep[None, :, None], new, old) for new, old in zip(new_state, state))
-        return outputs * keep[:, None, None].to(outputs.dtype), new_state
+        keep = keep[:, None, None].to(outputs.dtype)
+        if layers is not None:
+            layers = tuple(layer * keep for layer in layers)
+        return RecurrentOutput(outputs * keep, new_state, layers)
 
-    def _run_packed(self, inputs: torch.Tensor, state: RNNState, mask: torch.Tensor):
-        batch_size, steps, _ = inputs.shape
+    def _run_padded(self, inputs, state, mask, output_layers) -> RecurrentOutput:
         lengths = mask.sum(dim=1)  # [B]
         # A stable sort of "is padding" moves each row's real positions to its front, in their original order.
         order = torch.argsort(~mask, dim=1, stable=True)  # [B, T]
         compact = inputs.gather(1, order[..., None].expand_as(inputs))
-        # pack_padded_sequence refuses empty rows: run them on one (ignored) step and restore their state below.
-        packed = pack_padded_sequence(compact, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        packed_outputs, new_state = self._run(packed, state)
-        compact_outputs, _ = pad_packed_sequence(packed_outputs, batch_first=True, total_length=steps)
-        outputs = torch.zeros_like(compact_outputs).scatter(
-            1, order[..., None].expand_as(compact_outputs), compact_outputs
-        )
-        outputs = outputs * mask[..., None].to(outputs.dtype)
+        outputs, new_state, layers = self._run_compact(compact, state, lengths.cpu(), output_layers)
+
+        def back_in_place(values: torch.Tensor) -> torch.Tensor:
+            restored = torch.zeros_like(values).scatter(1, order[..., None].expand_as(values), values)
+            return restored * mask[..., None].to(values.dtype)
+
         has_tokens = lengths > 0
         if not bool(has_tokens.all()):
             new_state = tuple(torch.where(has_tokens[None, :, None], new, old) for new, old in zip(new_state, state))
-        return outputs, new_state
+        if layers is not None:
+            layers = tuple(back_in_place(layer) for layer in layers)
+        return RecurrentOutput(back_in_place(outputs), new_state, layers)
+
+    def _run_compact(self, inputs, state, lengths, output_layers):
+        """Run over compact rows (each row's real positions first) of `lengths` (CPU, None: all T positions).
+
+        Positions past a row's length come out as zero or garbage; the caller masks them. Rows of length 0 may
+        come out with any state; the caller restores theirs.
+        """
+        checkpointing = (
+            self.gradient_checkpointing and self.training and torch.is_grad_enabled() and inputs.shape[1] > 1
+        )
+        if output_layers or (checkpointing and self.num_directions == 2):
+            return self._run_layer_by_layer(inputs, state, lengths, checkpointing)
+        if checkpointing:
+            outputs, new_state = self._run_time_chunks(inputs, state, lengths)
+        else:
+            outputs, new_state = self._run_fused(inputs, state, lengths)
+        return outputs, new_state, None
+
+    def _run_fused(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
+        """All layers in one call of the torch module (one cuDNN call on a GPU)."""
+        steps = inputs.shape[1]
+        if lengths is not None:
+            # pack_padded_sequence refuses empty rows: run them on one (ignored) step; the caller restores them.
+            inputs = pack_padded_sequence(inputs, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+        outputs, final = self.rnn(inputs, state if self.is_lstm else state[0])
+        if lengths is not None:
+            outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=steps)
+        return outputs, (tuple(final) if self.is_lstm else (final,))
+
+    def _run_time_chunks(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
+        """Gradient checkpointing over chunks of about sqrt(T) steps (unidirectional stacks only)."""
+        steps = inputs.shape[1]
+        chunk = max(1, math.ceil(math.sqrt(steps)))
+        outputs = []
+        for start in range(0, steps, chunk):
+            piece = inputs[:, start : start + chunk]
+            piece_lengths = None if lengths is None else (lengths - start).clamp(0, piece.shape[1])
+            piece_out, *flat_state = self._gradient_checkpointing_func(
+                self._checkpointed_chunk, piece, piece_lengths, *state
+            )
+            if piece_lengths is not None and not bool((piece_lengths > 0).all()):
+                # rows whose real tokens ended before this chunk keep their state
+                alive = (piece_lengths > 0).to(inputs.device)[None, :, None]
+                flat_state = [torch.where(alive, new, old) for new, old in zip(flat_state, state)]
+            state = tuple(flat_state)
+            outputs.append(piece_out)
+        return torch.cat(outputs, dim=1), state
+
+    def _checkpointed_chunk(self, piece, piece_lengths, *state):
+        if self.rnn.dropout > 0 and self.num_layers > 1:
+            # torch.utils.checkpoint replays torch's RNG for the recomputation, but not the dropout state cuDNN
+            # keeps inside a fused call: run the layers one by one, with the dropout between them done here.
+            outputs, new_state, _ = self._run_layer_by_layer(piece, tuple(state), piece_lengths, False)
+        else:
+            outputs, new_state = self._run_fused(piece, tuple(state), piece_lengths)
+        return (outputs, *new_state)
+
+    def _run_layer_by_layer(self, inputs, state, lengths, checkpointing: bool):
+        """The layers one after another over the module's own weights (same results as the fused call)."""
+        directions = self.num_directions
+        layer_input, layer_outputs, final = inputs, [], [[] for _ in state]
+        for layer in range(self.num_layers):
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_state = tuple(tensor[rows] for tensor in state)
+            if checkpointing:
+                output, *layer_final = self._gradient_checkpointing_func(
+                    self._checkpointed_layer, layer, layer_input, lengths, *layer_state
+                )
+            else:
+                output, *layer_final = self._checkpointed_layer(layer, layer_input, lengths, *layer_state)
+            for collected, tensor in zip(final, layer_final):
+                collected.append(tensor)
+            layer_outputs.append(output)
+            layer_input = output
+            if layer < self.num_layers - 1 and self.rnn.dropout > 0 and self.training:
+                layer_input = nn.functional.dropout(output, self.rnn.dropout, training=True)
+        new_state = tuple(torch.cat(tensors, dim=0) for tensors in final)
+        return layer_outputs[-1], new_state, tuple(layer_outputs)
+
+    def _checkpointed_layer(self, layer: int, inputs, lengths, *state):
+        """One layer (both directions) over `inputs` `[B, T, I]` from `state` (`[D, B, H]` tensors)."""
+        weights = self.layer_weights(layer)
+        hx = list(state) if self.is_lstm else state[0]
+        common = (self.rnn.bias, 1, 0.0, self.training, self.num_directions == 2)
+        function = self._vf_function()
+        if lengths is None:
+            output, *final = function(inputs, hx, weights, *common, True)
+            return (output, *final)
+        steps = inputs.shape[1]
+        packed = pack_padded_sequence(inputs, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+        hx = (
+            [t.index_select(1, packed.sorted_indices) for t in hx]
+            if self.is_lstm
+            else hx.index_select(1, packed.sorted_indices)
+        )
+        data, *final = function(packed.data, packed.batch_sizes, hx, weights, *common)
+        final = [t.index_select(1, packed.unsorted_indices) for t in final]
+        output, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=steps)
+        return (output, *final)
+
+    def _run_scan(self, inputs, state, mask) -> RecurrentOutput:
+        """The reference: each layer and direction one step at a time, the old state kept where the mask is 0."""
+        steps = inputs.shape[1]
+        keep = mask[..., None]  # [B, T, 1]
+        function = self._vf_function()
+        layer_input, final = inputs, [[] for _ in state]
+        for layer in range(self.num_layers):
+            weights = self.layer_weights(layer)
+            per_direction = len(weights) // self.num_directions
+            direction_outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                current = [tensor[index : index + 1] for tensor in state]  # [1, B, H] each
+                times = range(steps) if direction == 0 else range(steps - 1, -1, -1)
+                outputs = [None] * steps
+                direction_weights = weights[direction * per_direction : (direction + 1) * per_direction]
+                for t in times:
+                    hx = current if self.is_lstm else current[0]
+                    out, *new = function(
+                        layer_input[:, t : t + 1], hx, direction_weights, self.rnn.bias, 1, 0.0, False, False, True
+                    )
+                    current = [torch.where(keep[None, :, t], n, o) for n, o in zip(new, current)]
+                    outputs[t] = out * keep[:, t : t + 1].to(out.dtype)
+                direction_outputs.append(torch.cat(outputs, dim=1))
+                for collected, tensor in zip(final, current):
+                    collected.append(tensor)
+            layer_input = torch.cat(direction_outputs, dim=-1)
+            if layer < self.num_layers - 1 and self.rnn.dropout > 0 and self.training:
+                layer_input = nn.functional.dropout(layer_input, self.rnn.dropout, training=True)
+        return RecurrentOutput(layer_input, tuple(torch.cat(tensors, dim=0) for tensors in final), None)
+
+    # --- weights --------------------------------------------------------------------------------------------------
+
+    def layer_weights(self, layer: int) -> list[torch.Tensor]:
+        """The weights of one layer in the order torch's functional RNN ops expect (direction by direction:
+        weight_ih, weight_hh, and the biases)."""
+        suffixes = [""] + (["_reverse"] if self.num_directions == 2 else [])
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.rnn.bias else [])
+        return [getattr(self.rnn, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
+
+    def _vf_function(self):
+        """torch's functional op for the cell type (what `nn.LSTM.forward` itself calls)."""
+        return {"lstm": _VF.lstm, "gru": _VF.gru, "rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu}[self.cell_type]
 
 
 def weights_share_one_buffer(rnn: nn.RNNBase) -> bool:
@@ -172,4 +358,4 @@ def state_to_batch_first(state: RNNState, num_layers: int) -> tuple[torch.Tensor
     return tuple(converted)
 
 
-__all__ = ["RNNState", "RecurrentStack", "build_rnn", "state_to_batch_first"]
+__all__ = ["RNNState", "RecurrentOutput", "RecurrentStack", "build_rnn", "state_to_batch_first"]
