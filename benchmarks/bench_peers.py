@@ -199,6 +199,8 @@ class OpenNMT(Toolkit):
             for parameter in model.parameters():
                 parameter.data.uniform_(-0.1, 0.1)
             self.models[feeding] = model.to(device)
+        with quiet():  # onmt warns that alpha 0 means no length penalty, which is what is wanted
+            scorer = GNMTGlobalScorer(alpha=0.0, beta=0.0, length_penalty="none", coverage_penalty="none")
         self.translators = {
             beams: Translator(
                 self.models[False].eval(),
@@ -210,7 +212,7 @@ class OpenNMT(Toolkit):
                 max_length_ratio=0,
                 beam_size=beams,
                 random_sampling_topk=1 if beams == 1 else 0,  # top-1 "sampling" is onmt's greedy search
-                global_scorer=GNMTGlobalScorer(alpha=0.0, beta=0.0, length_penalty="none", coverage_penalty="none"),
+                global_scorer=scorer,
                 report_score=False,
             )
             for beams in (1, size.beams)
