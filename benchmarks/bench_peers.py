@@ -378,6 +378,17 @@ def training_step(toolkit: Toolkit, input_feeding: bool, batch: Batch) -> Callab
     return step
 
 
+def parameter_counts(toolkits: list[Toolkit]) -> dict[str, dict[str, int]]:
+    """Parameters of every toolkit's two models, so a reader can check that the sizes match."""
+    return {
+        t.name: {
+            "no input feeding": sum(p.numel() for p in t.module(False).parameters()),
+            "input feeding": sum(p.numel() for p in t.module(True).parameters()),
+        }
+        for t in toolkits
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -444,12 +455,15 @@ def main() -> None:
         "note": args.note,
         "peers": {t.name: getattr(t, "version", None) for t in toolkits if t.name != "ours"},
         "skipped": skipped,
+        "parameters": parameter_counts(toolkits),
         "table": table,
     }
     print(f"device {results['machine']['device_name']}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"size {size_name}: {size}; peers {results['peers']}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
+    for name, counts in results["parameters"].items():
+        print(f"parameters {name}: {counts['no input feeding']:,} / {counts['input feeding']:,} (with input feeding)")
     names = [t.name for t in toolkits]
     print(f"\n  {'row':<26}" + "".join(f"{name:>14}" for name in names) + "   ours / peer (time)")
     for row, entries in table.items():
