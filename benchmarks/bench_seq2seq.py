@@ -20,17 +20,20 @@ drifts of the machine hit every variant alike. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from torch import nn
 
-import rnn_seq2seq_hf
+from bench_common import (
+    BareStacks,
+    handwritten_beam_search,
+    handwritten_greedy,
+    machine_info,
+    medians,
+    time_rounds,
+    training_step_fn,
+    write_json,
+)
 from rnn_seq2seq_hf import RNNSeq2SeqConfig, RNNSeq2SeqForConditionalGeneration
 
 
@@ -54,104 +57,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--output", default="benchmarks/results/cpu.json")
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class BareStacks(nn.Module):
-    """The bound: embeddings, a bidirectional LSTM encoder and an LSTM decoder of the model's sizes, and optionally
-    the vocabulary projection. No attention, no bridge."""
-
-    def __init__(self, config: RNNSeq2SeqConfig, with_projection: bool):
-        super().__init__()
-        self.source_embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        self.target_embedding = nn.Embedding(config.vocab_size, config.embedding_size)
-        self.encoder = nn.LSTM(
-            config.embedding_size, config.hidden_size // 2, config.encoder_layers, batch_first=True, bidirectional=True
-        )
-        self.decoder = nn.LSTM(config.embedding_size, config.hidden_size, config.decoder_layers, batch_first=True)
-        self.projection = nn.Linear(config.hidden_size, config.vocab_size) if with_projection else None
-
-    def loss(self, source: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        encoded, _ = self.encoder(self.source_embedding(source))
-        decoded, _ = self.decoder(self.target_embedding(decoder_input_ids))
-        if self.projection is None:
-            return encoded.sum() + decoded.sum()
-        logits = self.projection(decoded)
-        return encoded.sum() * 0 + nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-
-
-def training_step_fn(module: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        optimizer.step()
-
-    return step
-
-
-@torch.no_grad()
-def handwritten_greedy(model, source, mask, steps: int) -> torch.Tensor:
-    """Greedy decoding calling the model's forward with its cache, no generate()."""
-    encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
-    tokens = torch.full((source.shape[0], 1), model.config.decoder_start_token_id, device=source.device)
-    cache = None
-    for _ in range(steps):
-        out = model(
-            encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=tokens[:, -1:], cache=cache
-        )
-        cache = out.cache
-        tokens = torch.cat([tokens, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens
-
-
-@torch.no_grad()
-def handwritten_beam_search(model, source, mask, steps: int, beams: int) -> torch.Tensor:
-    """Fixed-length beam search (no EOS handling) calling the model's forward with its cache, no generate()."""
-    batch_size = source.shape[0]
-    encoder_outputs = model.get_encoder()(input_ids=source, attention_mask=mask)
-    for key, value in encoder_outputs.items():
-        encoder_outputs[key] = value.repeat_interleave(beams, dim=0)
-    mask = mask.repeat_interleave(beams, dim=0)
-    tokens = torch.full((batch_size * beams, 1), model.config.decoder_start_token_id, device=source.device)
-    scores = torch.zeros(batch_size, beams, device=source.device)
-    scores[:, 1:] = -1e9  # all beams start identical: expand only the first
-    offsets = (torch.arange(batch_size, device=source.device) * beams)[:, None]
-    cache = None
-    for _ in range(steps):
-        out = model(
-            encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=tokens[:, -1:], cache=cache
-        )
-        cache = out.cache
-        logprobs = out.logits[:, -1].float().log_softmax(-1)  # [B*K, V]
-        vocab = logprobs.shape[-1]
-        total = (scores.view(-1, 1) + logprobs).view(batch_size, beams * vocab)
-        scores, index = total.topk(beams, dim=-1)
-        rows = (offsets + index // vocab).view(-1)
-        cache.reorder_cache(rows)
-        tokens = torch.cat([tokens[rows], (index % vocab).view(-1, 1)], dim=1)
-    return tokens
-
-
-def time_rounds(variants: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each variant over interleaved rounds (after one warm-up call each)."""
-    for fn in variants.values():
-        fn()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -207,7 +112,7 @@ def main() -> None:
     }
     fused.train()
     feeding.train()
-    train_seconds = time_rounds(train_variants, args.rounds, device)
+    train_seconds = medians(time_rounds(train_variants, args.rounds, device))
     tokens_per_call = batch * length * args.steps
     train = {name: tokens_per_call / seconds for name, seconds in train_seconds.items()}
 
@@ -224,21 +129,12 @@ def main() -> None:
         f"generate() beam search, {args.beams} beams": lambda: fused.generate(**generate_kwargs, num_beams=args.beams),
     }
     with torch.no_grad():
-        decode = time_rounds(decode_variants, max(3, args.rounds // 2), device)
+        decode = medians(time_rounds(decode_variants, max(3, args.rounds // 2), device))
 
     names = list(train)
     bound_b_rate = train[names[1]]
     results = {
-        "machine": {
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "tf32": device.type == "cuda" and not args.no_tf32,
-            "rnn_seq2seq_hf": rnn_seq2seq_hf.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": {**machine_info(device), "tf32": device.type == "cuda" and not args.no_tf32},
         "setup": vars(args),
         "train_target_tokens_per_second": train,
         "fused_over_bound_b": train[names[2]] / bound_b_rate,
@@ -261,10 +157,7 @@ def main() -> None:
         f"\ngenerate() / hand-written: greedy {results['generate_over_handwritten_greedy']:.2f}x, "
         f"beam {results['generate_over_handwritten_beam']:.2f}x"
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    print(f"\nwrote {write_json(args.output, results)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a CUDA GPU, in one run with a time budget per step (a lent GPU machine has a
-# few minutes): the GPU tests, the speed benchmark at batch 128 and 512, the mixed-precision benchmark, and the
-# full-size Multi30k recipe(s). Results land in $OUT (default gpu_out/); copy what you keep into the repository.
+# few minutes): the GPU tests, the speed benchmark at batch 128 and 512, the mixed-precision benchmark, the
+# per-step overhead and long-sequence memory benchmarks, and the full-size Multi30k recipe(s). Results land in $OUT (default gpu_out/); copy what you keep into the repository.
 #   OUT=gpu_out DATA=../shared/data bash benchmarks/gpu_checks.sh
 # The library must be installed there (pip install -e .: the recipes run the rnn-seq2seq command).
 set -uo pipefail
@@ -31,6 +31,14 @@ timeout 90 python3 benchmarks/bench_seq2seq.py --device cuda --batch-size 512 --
 step "mixed precision"
 timeout 100 python3 benchmarks/bench_mixed_precision.py --device cuda --steps 300 \
   --output "$OUT/mixed_precision_gpu.json"
+
+step "per-step overhead (issue 12): anchor size at batch 128, then tiny sizes; memory of long sequences (issue 9)"
+timeout 150 python3 benchmarks/bench_overhead.py --device cuda --anchor --output "$OUT/overhead_anchor_cuda.json" \
+  --note "gpu_checks.sh" 2>&1 | tail -40
+timeout 90 python3 benchmarks/bench_overhead.py --device cuda --output "$OUT/overhead_tiny_cuda.json" \
+  --note "gpu_checks.sh" 2>&1 | tail -40
+timeout 120 python3 benchmarks/bench_memory.py --device cuda --hidden-size 512 --embedding-size 512 \
+  --vocab-size 10000 --batch-size 64 --output "$OUT/memory_cuda.json" 2>&1 | tail -12
 
 for job in multi30k_de_en_gpu multi30k_en_de_gpu; do  # the second only if it fits
   [ "$(left)" -gt 200 ] || break
