@@ -51,9 +51,9 @@ class LMStepForExport(nn.Module):
 
 
 class EncoderForExport(nn.Module):
-    """`(input_ids [B, S], attention_mask [B, S]) -> (memory [B, S, H], keys [B, S, K], *decoder state)` of an
-    `RNNSeq2SeqForConditionalGeneration` (keys are what the attention compares the decoder state with: the memory
-    itself for dot attention and no attention)."""
+    """`(input_ids [B, S], attention_mask [B, S]) -> (memory [B, S, H], keys, *decoder state)` of an
+    `RNNSeq2SeqForConditionalGeneration` (keys are what the attention compares the decoder state with: `[B, H, S]`
+    for dot and general attention, `[B, S, A]` for additive attention, the memory itself without attention)."""
 
     def __init__(self, model):
         super().__init__()
@@ -83,9 +83,8 @@ class DecoderStepForExport(nn.Module):
         if decoder.input_feeding:
             *state, input_feed = state
         embedding = decoder.embed_tokens(decoder_input_ids)
-        feature, _, new_state, _ = decoder.step(
-            embedding, tuple(state), input_feed, memory, keys, attention_mask.bool(), None
-        )
+        padding = (attention_mask == 0)[:, None, :]  # [B, 1, S], True at source padding
+        feature, _, new_state, _ = decoder.step(embedding, tuple(state), input_feed, memory, keys, padding, None)
         logits = self.model.lm_head(feature)[:, 0]
         extra = (feature[:, 0],) if decoder.input_feeding else ()
         return (logits, *new_state, *extra)
@@ -143,7 +142,9 @@ def _export_programs(model, batch_size: int, length: int, source_length: int) ->
     step_inputs = (start, memory, keys, mask, *state)
     source = torch.export.Dim("source", min=2)
     state_shapes = tuple({1: batch} if tensor.dim() == 3 else {0: batch} for tensor in state)
-    step_shapes = ({0: batch}, {0: batch, 1: source}, {0: batch, 1: source}, {0: batch, 1: source}, state_shapes)
+    keys_source_dim = 2 if model.config.attention_type in ("dot", "general") else 1  # dot/general keys: [B, K, S]
+    keys_shape = {0: batch, keys_source_dim: source}
+    step_shapes = ({0: batch}, {0: batch, 1: source}, keys_shape, {0: batch, 1: source}, state_shapes)
     programs["decoder_step"] = torch.export.export(step, step_inputs, dynamic_shapes=step_shapes)
     programs["decoder_step_inputs"] = step_inputs
     return programs

@@ -26,7 +26,7 @@ from .input_checks import (
 )
 from .output_layer import OutputLayer
 from .pretrained import RecurrentPreTrainedModel
-from .recurrent import RecurrentStack
+from .recurrent import RecurrentStack, weights_share_one_buffer
 from .regularization import Dropout
 
 
@@ -174,6 +174,25 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
                 self.input_to_output, embeddings.weight.shape[0], transposed=False, mean_resizing=mean_resizing
             )
         return embeddings
+
+    def _decoding_step(self, cache: RNNCache, model_kwargs: dict):
+        """`generate()`'s one-token step (see generation_rnn.py): the computation of `forward` for one new token
+        that is not padding, from the state in `cache` (updated in place); returns float32 logits `[N, 1, vocab]`."""
+        model, rnn = self.model, self.model.rnn
+        if rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(rnn.rnn):
+            rnn.rnn.flatten_parameters()
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            raw = model.embed_tokens(tokens)  # [N, 1, E]
+            outputs, state = rnn.step(model.embedding_dropout(raw), cache.state)
+            cache.state = state
+            cache.num_seen_tokens += 1
+            logits = self.lm_head(self.output_dropout(outputs))
+            if self.input_to_output is not None:
+                logits = logits + self.input_to_output(model.embedding_dropout(raw))
+            return logits if logits.dtype == torch.float32 else logits.float()  # [N, 1, V]
+
+        return step
 
     def forward(
         self,

@@ -35,7 +35,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.utils import ModelOutput
 
-from .attention import build_attention
+from .attention import build_attention, padding_mask
 from .cache_rnn import RNNCache
 from .configuration_rnn_seq2seq import RNNSeq2SeqConfig
 from .generation_rnn import RecurrentGenerationMixin
@@ -50,7 +50,7 @@ from .input_checks import (
 from .output_layer import OutputLayer
 from .pipeline_seq2seq import Seq2SeqGenerationPipeline  # noqa: F401  (imported so its file travels with checkpoints)
 from .pretrained import RecurrentPreTrainedModel
-from .recurrent import RecurrentStack, RNNState, state_to_batch_first
+from .recurrent import RecurrentStack, RNNState, state_to_batch_first, weights_share_one_buffer
 from .regularization import Dropout
 
 LUONG_ATTENTION = ("dot", "general", "concat")
@@ -295,27 +295,28 @@ class RNNDecoder(nn.Module):
         """
         embeddings = self.embedding_dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         keys = self.attention_keys(memory, cache)
+        padding = padding_mask(memory_mask) if self.attention is not None else None
         if self.use_fused and self.can_fuse:
             features, weights, layers = self._forward_fused(
-                embeddings, memory, keys, memory_mask, cache, mask, output_layers
+                embeddings, memory, keys, padding, cache, mask, output_layers
             )
         else:
             features, weights, layers = self._forward_steps(
-                embeddings, memory, keys, memory_mask, cache, mask, output_layers
+                embeddings, memory, keys, padding, cache, mask, output_layers
             )
         return DecoderOutput(features, weights, embeddings, layers)
 
-    def _forward_fused(self, embeddings, memory, keys, memory_mask, cache, mask, output_layers):
+    def _forward_fused(self, embeddings, memory, keys, padding, cache, mask, output_layers):
         """All target positions at once: one recurrent call (`[B, T, H]`), then batched attention over them."""
         outputs, state, layers = self.rnn(embeddings, cache.get_state(), mask, output_layers=output_layers)
         cache.set_state(state)
         if self.attention is None:
             return self.output_dropout(outputs), None, layers
-        context, weights = self.attention(outputs, memory, keys, memory_mask)
+        context, weights = self.attention(outputs, memory, keys, padding)
         attentional = torch.tanh(self.attentional_layer(torch.cat([context, outputs], dim=-1)))
         return self.output_dropout(attentional), weights, layers
 
-    def _forward_steps(self, embeddings, memory, keys, memory_mask, cache, mask, output_layers):
+    def _forward_steps(self, embeddings, memory, keys, padding, cache, mask, output_layers):
         """The reference: one `step` per target position, carrying the state (and a_{t-1} with input feeding)."""
         state = cache.get_state()
         input_feed = cache.extras.get("input_feed")
@@ -326,7 +327,7 @@ class RNNDecoder(nn.Module):
         for start in range(0, steps, chunk):
             piece = slice(start, start + chunk)
             piece_mask = mask[:, piece] if mask is not None else None
-            arguments = (embeddings[:, piece], memory, keys, memory_mask, piece_mask, input_feed, output_layers)
+            arguments = (embeddings[:, piece], memory, keys, padding, piece_mask, input_feed, output_layers)
             if checkpointing:
                 result = self._gradient_checkpointing_func(self._steps, *arguments, *state)
             else:
@@ -343,14 +344,14 @@ class RNNDecoder(nn.Module):
         layers = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layers)) if output_layers else None
         return torch.cat(features, dim=1), weights, layers
 
-    def _steps(self, embeddings, memory, keys, memory_mask, mask, input_feed, output_layers, *state):
+    def _steps(self, embeddings, memory, keys, padding, mask, input_feed, output_layers, *state):
         """`step` over every position of `embeddings` `[B, T, E]`; returns features, weights, input feed, the
         state tensors and, with `output_layers`, the per-layer outputs (flat, so it can be checkpointed)."""
         features, weights, layers = [], [], []
         for t in range(embeddings.shape[1]):
             step_mask = mask[:, t : t + 1] if mask is not None else None
             feature, weight, state, step_layers = self.step(
-                embeddings[:, t : t + 1], state, input_feed, memory, keys, memory_mask, step_mask, output_layers
+                embeddings[:, t : t + 1], state, input_feed, memory, keys, padding, step_mask, output_layers
             )
             if self.input_feeding:
                 new_feed = feature[:, 0]
@@ -369,26 +370,32 @@ class RNNDecoder(nn.Module):
         input_feed: torch.Tensor | None,
         memory: torch.Tensor,
         keys: torch.Tensor | None,
-        memory_mask: torch.Tensor | None,
+        padding: torch.Tensor | None,
         step_mask: torch.Tensor | None,
         output_layers: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RNNState, tuple[torch.Tensor, ...] | None]:
         """One decoder step: embedding `[B, 1, E]` and state -> features `[B, 1, H]`, weights `[B, 1, S]`, the new
-        state and (with `output_layers`) the outputs of every layer `[B, 1, H]`."""
+        state and (with `output_layers`) the outputs of every layer `[B, 1, H]`.
+
+        `keys` are `attention.project_memory(memory)`, `padding` is `[B, 1, S]` True at source padding (or None),
+        `step_mask` `[B, 1]` False where this step is decoder padding (or None)."""
         rnn_inputs = [embedding]
         # 1. Bahdanau attends with the previous state s_{t-1} (top layer's h) and feeds the context to the RNN.
         if self.attention_type == "bahdanau":
-            context, weights = self.attention(state[0][-1][:, None, :], memory, keys, memory_mask)
+            context, weights = self.attention(state[0][-1][:, None, :], memory, keys, padding)
             rnn_inputs.append(context)
         # 2. Input feeding: the previous attentional state a_{t-1}.
         if self.input_feeding:
             rnn_inputs.append(input_feed[:, None, :])
         # 3. The recurrent update.
         rnn_input = torch.cat(rnn_inputs, dim=-1) if len(rnn_inputs) > 1 else embedding
-        output, state, layers = self.rnn(rnn_input, state, step_mask, output_layers=output_layers)  # [B, 1, H]
+        if step_mask is None and not output_layers:
+            (output, state), layers = self.rnn.step(rnn_input, state), None  # [B, 1, H]
+        else:
+            output, state, layers = self.rnn(rnn_input, state, step_mask, output_layers=output_layers)
         # 4. The output features: Luong attends with the new h_t; Bahdanau's deep output; or h_t alone.
         if self.attention_type in LUONG_ATTENTION:
-            context, weights = self.attention(output, memory, keys, memory_mask)
+            context, weights = self.attention(output, memory, keys, padding)
             feature = torch.tanh(self.attentional_layer(torch.cat([context, output], dim=-1)))
         elif self.attention_type == "bahdanau":
             feature = torch.tanh(self.deep_output(torch.cat([output, context, embedding], dim=-1)))
@@ -634,6 +641,34 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         """Decoder inputs `[B, T]` for `labels` `[B, T]` (read by `DataCollatorForSeq2Seq(model=...)`, so training
         works when `Trainer` takes the labels out of the inputs, as it does for label smoothing)."""
         return shift_tokens_right(labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id)
+
+    def _decoding_step(self, cache: RNNCache, model_kwargs: dict):
+        """`generate()`'s one-token step (see generation_rnn.py): the decoder computation of `forward` for one new
+        token, from the state in `cache` (updated in place); returns float32 logits `[N, 1, vocab]`."""
+        decoder = self.model.decoder
+        encoder_outputs = model_kwargs["encoder_outputs"]
+        memory = encoder_outputs["last_hidden_state"]  # [N, S, H], expanded per beam by generate()
+        source_mask = model_kwargs.get("attention_mask")
+        if source_mask is not None:
+            source_mask = check_attention_mask(source_mask, *memory.shape[:2])
+            source_mask = None if bool(source_mask.all()) else source_mask  # no padding: no masking at every step
+        padding = padding_mask(source_mask)
+        keys = decoder.attention_keys(memory, cache)
+        if decoder.rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(decoder.rnn.rnn):
+            decoder.rnn.rnn.flatten_parameters()
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            embedding = decoder.embedding_dropout(decoder.embed_tokens(tokens))  # [N, 1, E]
+            input_feed = cache.extras.get("input_feed")
+            feature, _, state, _ = decoder.step(embedding, cache.state, input_feed, memory, keys, padding, None)
+            cache.state = state
+            if decoder.input_feeding:
+                cache.extras["input_feed"] = feature[:, 0]
+            cache.num_seen_tokens += 1
+            logits = self.lm_head(feature)  # [N, 1, V]
+            return logits if logits.dtype == torch.float32 else logits.float()
+
+        return step
 
     def forward(
         self,

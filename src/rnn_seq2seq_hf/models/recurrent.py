@@ -164,6 +164,23 @@ class RecurrentStack(nn.Module):
                 return RecurrentOutput(outputs, new_state, layers)
             return self._run_padded(inputs, state, mask, output_layers)
 
+    def step(self, inputs: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
+        """The decoding path: `inputs` `[B, T, input_size]` without padding from `state`, in one fused call of
+        torch's functional op, with none of `forward`'s checks (decoding loops feed tensors they made themselves).
+        Gives exactly `forward(inputs, state)[:2]`."""
+        dtype = self.rnn.weight_ih_l0.dtype
+        if inputs.dtype != dtype:
+            inputs = inputs.to(dtype)
+        hx = state if self.is_lstm else state[0]
+        arguments = (self.rnn._flat_weights, self.rnn.bias, self.num_layers, self.rnn.dropout, self.training)
+        function = self._vf_function()
+        if torch.is_autocast_enabled(inputs.device.type):  # the mixed-precision policy of `forward`
+            with torch.autocast(device_type=inputs.device.type, enabled=False):
+                outputs, *final = function(inputs, hx, *arguments, self.num_directions == 2, True)
+        else:
+            outputs, *final = function(inputs, hx, *arguments, self.num_directions == 2, True)
+        return outputs, tuple(final)
+
     # --- the paths ------------------------------------------------------------------------------------------------
 
     def _run_one_step(self, inputs, state, mask, output_layers) -> RecurrentOutput:
@@ -336,7 +353,10 @@ class RecurrentStack(nn.Module):
 
     def _vf_function(self):
         """torch's functional op for the cell type (what `nn.LSTM.forward` itself calls)."""
-        return {"lstm": _VF.lstm, "gru": _VF.gru, "rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu}[self.cell_type]
+        return VF_FUNCTIONS[self.cell_type]
+
+
+VF_FUNCTIONS = {"lstm": _VF.lstm, "gru": _VF.gru, "rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu}
 
 
 def weights_share_one_buffer(rnn: nn.RNNBase) -> bool:
