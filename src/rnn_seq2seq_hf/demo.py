@@ -11,7 +11,7 @@ import datasets
 
 from .demo_data import make_date_pairs
 from .recipes import load_recipe
-from .training import train_translation
+from .training import check_recipe, train_translation
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,12 @@ def pairs_to_dataset(pairs: list[tuple[str, str]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"source": [s for s, _ in pairs], "target": [t for _, t in pairs]})
 
 
-def run_demo(output_dir: str | Path, quick: bool = False, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    output_dir: str | Path, quick: bool = False, overrides: list[str] | None = None, overwrite_output_dir: bool = False
+) -> dict:
     """Run the demo into `output_dir`; returns the metrics written to `output_dir/metrics.json`."""
     output_dir = Path(output_dir)
-    recipe = load_recipe("demo_dates", (QUICK_OVERRIDES if quick else []) + list(overrides or []))
+    recipe = check_recipe(load_recipe("demo_dates", (QUICK_OVERRIDES if quick else []) + list(overrides or [])))
     sizes = recipe["data"]
     train_pairs, heldout = make_date_pairs(
         sizes["train_pairs"], sizes["validation_pairs"] + sizes["test_pairs"], seed=recipe["training"].get("seed", 0)
@@ -54,6 +56,10 @@ def run_demo(output_dir: str | Path, quick: bool = False, overrides: list[str] |
         dataset_name="synthetic dates (held-out)",
         dataset_type="rnn_seq2seq_hf/synthetic-dates",
         languages=["en"],
+        overwrite_output_dir=overwrite_output_dir,
+        # the demo's data is the recipe's own, so its name and description are true of this model
+        card_title=recipe.get("name"),
+        card_summary=str(recipe.get("description", "")).strip() or None,
     )
     outputs = (output_dir / "test_translations.txt").read_text().splitlines()
     print(
