@@ -124,8 +124,9 @@ def tokenizer_description(
     parts = [f"A {VOCABULARY_NAMES.get(kind, kind + ' vocabulary')} of {len(tokenizer):,} tokens{shared}, {origin}"]
     if backend is not None and "Lowercase" in repr(backend.normalizer):
         parts.append("text is lowercased")
-    if splits_digits(tokenizer):
-        parts.append("every digit is a token of its own")
+    digits = splits_digits(tokenizer)
+    if digits:
+        parts.append("every digit is a token" if digits == 1 else f"digits are cut into groups of at most {digits}")
     special = ", ".join(
         f"`{token}`={tokenizer.convert_tokens_to_ids(token)}" for token in tokenizer.all_special_tokens
     )

@@ -330,9 +330,9 @@ def _check_section(section: str, values: dict, schema: dict[str, tuple[object, C
     if not isinstance(values, dict):
         raise RecipeError(f"recipe section `{section}` must be a mapping, got {values!r}")
     checked = {}
+    prefix = "" if section == "top level" else f"{section}."
     for key, value in values.items():
         if key not in schema:
-            prefix = "" if section == "top level" else f"{section}."
             raise RecipeError(f"recipe: unknown key `{prefix}{key}`{_suggestion(str(key), schema, prefix)}")
         annotation, check = schema[key]
         try:
@@ -341,7 +341,7 @@ def _check_section(section: str, values: dict, schema: dict[str, tuple[object, C
             raise RecipeError(f"recipe: `{section}.{key}` must be {_describe(annotation)}, got {value!r}") from None
         expected = check(value) if check is not None and isinstance(value, (int, float)) else None
         if expected:
-            raise RecipeError(f"recipe: `{section}.{key}` must be {expected}, got {value!r}")
+            raise RecipeError(f"recipe: `{prefix}{key}` must be {expected}, got {value!r}")
         checked[key] = value
     return checked
 

@@ -8,8 +8,10 @@ Kinds:
   it gives the standard 10k vocabulary: the 9,999 words of ptb.train.txt (its `<unk>` is our unknown token) and the
   end of sentence. Words are stored with the "▁" space marker and decode with a leading space (strip it).
 - "char": one token per character, newlines included (Tiny Shakespeare).
-`split_digits=True` (bpe/unigram) makes every digit a token of its own, so merges never join digits of different
-fields ("0-12" in "1994-10-12"): the demo uses it, and its attention picture then shows each output digit's source.
+`split_digits` (bpe/unigram) cuts runs of digits into pieces of their own before BPE/unigram sees them, so no merge
+joins digits of different fields ("0-12" in "1994-10-12"): `True` or 1 makes every digit a token (as Llama's
+tokenizer does), N cuts digits into groups of at most N from the left ("1994" -> "19", "94" for 2; GPT-4 uses 3). The
+demo uses 2: every output date is then "19", "94", "-", "03", "-", "23", each piece written from one source field.
 
 Every tokenizer has the special tokens `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3 (the ids the model configs default
 to). Translation tokenizers append `</s>` to each text they encode (`add_special_tokens=False` leaves it out);
@@ -22,6 +24,8 @@ What a saved tokenizer is, is read back from the tokenizer itself in one place: 
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 
@@ -39,7 +43,7 @@ def train_tokenizer(
     vocab_size: int | None = 8000,
     min_frequency: int = 1,
     lowercase: bool = False,
-    split_digits: bool = False,
+    split_digits: bool | int = False,
     padding_side: str = "right",
     add_eos: bool = True,
 ) -> PreTrainedTokenizerFast:
@@ -52,8 +56,9 @@ def train_tokenizer(
             "char" only).
         min_frequency: drop words/merges seen fewer times (not used by "unigram" and "char").
         lowercase: lowercase the text before anything else (and at encoding time).
-        split_digits: every digit is a token of its own ("bpe", "unigram" only), so no merge joins digits of
-            different fields such as "0-12" in "1994-10-12".
+        split_digits: cut digits into pieces of their own ("bpe", "unigram" only), so no merge joins digits of
+            different fields such as "0-12" in "1994-10-12": True or 1 (every digit a token), N (groups of at most N
+            digits, from the left), False (no rule).
         padding_side: where batches are padded; "left" is the transformers convention for language-model prompts
             (saved with the tokenizer, so pipelines use it).
         add_eos: append `</s>` to every encoded text (translation); False for language models.
@@ -73,11 +78,12 @@ def train_tokenizer(
             trainer = trainers.UnigramTrainer(special_tokens=SPECIAL_TOKENS, unk_token=UNK, **size)
         tokenizer.normalizer = normalizer
         # Digits split after the space marker: "▁1994" -> "▁", "1", "9", "9", "4" (decodes back to " 1994").
-        tokenizer.pre_tokenizer = (
-            pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
-            if split_digits
-            else pre_tokenizers.Metaspace()
-        )
+        if split_digits:
+            # after the space marker, for 2: "▁1994-10-12" -> "▁", "19", "94", "-", "10", "-", "12"
+            digits = pre_tokenizers.Split(Regex(rf"\d{{1,{int(split_digits)}}}"), behavior="isolated")
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), digits])
+        else:
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
         tokenizer.train_from_iterator(texts, trainer)
     else:
@@ -106,7 +112,11 @@ def train_tokenizer(
 
 
 def check_tokenizer_settings(
-    kind: str = "bpe", vocab_size: int | None = 8000, min_frequency: int = 1, split_digits: bool = False, **_
+    kind: str = "bpe",
+    vocab_size: int | None = 8000,
+    min_frequency: int = 1,
+    split_digits: bool | int = False,
+    **_,
 ) -> None:
     """The checks `train_tokenizer` makes on its settings, also run on a recipe before any work starts."""
     if kind not in TOKENIZER_KINDS:
@@ -119,6 +129,8 @@ def check_tokenizer_settings(
         )
     if min_frequency < 1:
         raise ValueError(f"`min_frequency` must be >= 1, got {min_frequency}.")
+    if not isinstance(split_digits, (bool, int)) or split_digits < 0:
+        raise ValueError(f"`split_digits` must be false, true or a group size >= 1, got {split_digits!r}.")
     if split_digits and kind not in ("bpe", "unigram"):
         raise ValueError(f"`split_digits` applies to 'bpe' and 'unigram' tokenizers, not {kind!r}.")
 
@@ -149,10 +161,23 @@ def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return with_special[-1:] == [tokenizer.eos_token_id] and plain[-1:] != [tokenizer.eos_token_id]
 
 
-def splits_digits(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether every digit is a token of its own (`split_digits=True`)."""
+DIGIT_GROUPS = re.compile(r"\\d\{1,(\d+)\}")
+
+
+def splits_digits(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The size of the digit groups the tokenizer cuts digits into (`split_digits`; 1: every digit), or None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and "Digits" in repr(backend.pre_tokenizer)
+    if backend is None:
+        return None
+    described = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    for step in described.get("pretokenizers", [described]):
+        if step.get("type") == "Digits" and step.get("individual_digits"):
+            return 1
+        if step.get("type") == "Split":
+            found = DIGIT_GROUPS.fullmatch((step.get("pattern") or {}).get("Regex", ""))
+            if found:
+                return int(found[1])
+    return None
 
 
 def lm_reads_lines(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -230,9 +230,10 @@ TRAINER_DEFAULTS = {
 }
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (some, like GenerationConfig's, start with a line break)."""
+    text = " ".join(str(error).split())
+    return text[:400] if text else type(error).__name__
 
 
 def trainer_arguments(recipe: dict, output_dir: str | Path) -> TrainingArguments:
@@ -277,7 +278,7 @@ def trainer_arguments(recipe: dict, output_dir: str | Path) -> TrainingArguments
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
-        raise RecipeError(f"recipe training: {_first_line(error)}") from None
+        raise RecipeError(f"recipe training: {_one_line(error)}") from None
 
 
 def loop_arguments(recipe: dict, output_dir: str | Path, fingerprint: str | None = None) -> LoopArguments:
@@ -287,7 +288,7 @@ def loop_arguments(recipe: dict, output_dir: str | Path, fingerprint: str | None
     try:
         args = LoopArguments.from_training_section(str(Path(output_dir) / "checkpoints"), settings)
     except (ValueError, TypeError) as error:
-        raise RecipeError(f"recipe training: {_first_line(error)}") from None
+        raise RecipeError(f"recipe training: {_one_line(error)}") from None
     args.fingerprint = fingerprint
     average = recipe.get("average_last_checkpoints")
     if average:
@@ -309,7 +310,7 @@ def generation_config(recipe: dict, base: GenerationConfig) -> GenerationConfig:
     try:
         config.validate(strict=True, user_set_attributes=set(settings))
     except ValueError as error:
-        raise RecipeError(f"recipe generation: {_first_line(error)}") from None
+        raise RecipeError(f"recipe generation: {_one_line(error)}") from None
     return config
 
 
@@ -327,9 +328,7 @@ def pretrained_config(model_name_or_path: str, task: str):
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise RunFolderError(
-            f"--model-name-or-path {model_name_or_path}: cannot load ({_first_line(error)})"
-        ) from None
+        raise RunFolderError(f"--model-name-or-path {model_name_or_path}: cannot load ({_one_line(error)})") from None
     if config.model_type != FAMILIES[task]:
         raise RunFolderError(
             f"--model-name-or-path {model_name_or_path} is a {config.model_type!r} model; a {task} job fine-tunes "
@@ -371,7 +370,7 @@ def check_recipe(recipe: dict, engine: str = "trainer", model_name_or_path: str 
         try:
             config = config_class(task)(vocab_size=vocabulary, **recipe["model"])
         except (ValueError, TypeError) as error:
-            raise RecipeError(f"recipe model: {_first_line(error)}") from None
+            raise RecipeError(f"recipe model: {_one_line(error)}") from None
     if engine == "trainer":
         trainer_arguments(recipe, "unused")
     else:
@@ -412,9 +411,7 @@ def _load_pretrained(recipe: dict, model_name_or_path: str) -> Start:
         model = auto.from_pretrained(where, trust_remote_code=False, **(recipe.get("model") or {}))
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise RunFolderError(
-            f"--model-name-or-path {model_name_or_path}: cannot load ({_first_line(error)})"
-        ) from None
+        raise RunFolderError(f"--model-name-or-path {model_name_or_path}: cannot load ({_one_line(error)})") from None
     shown = Path(model_name_or_path).name if local else model_name_or_path  # no path of this machine in the card
     if recipe.get("tokenizer"):
         logger.info("fine-tuning: the tokenizer comes from %s; the recipe's tokenizer section is not used", shown)
@@ -597,6 +594,7 @@ def train_translation(
     overwrite_output_dir: bool = False,
     card_title: str | None = None,
     card_summary: str | None = None,
+    attention_example: str | None = None,
 ) -> dict:
     """Train a Seq2Seq model on `source`/`target` string datasets as the recipe says; returns the final metrics.
 
@@ -613,6 +611,8 @@ def train_translation(
             a new tokenizer and model; the recipe's `model` section must be empty or match it (dropout may change).
         overwrite_output_dir: replace a finished run in `output_dir` and start over instead of resuming.
         card_title, card_summary: the model card's title and first paragraph (default: made from the data).
+        attention_example: the source sentence whose attention `attention.png` shows (default: the longest of the
+            first 50 validation sentences).
     """
     # 1. Check everything the run will use, and claim the output folder.
     recipe = check_recipe(recipe, engine, model_name_or_path)
@@ -694,7 +694,7 @@ def train_translation(
         if model.config.attention_type != "none":
             # the longest of the first validation sentences shows alignment best
             candidates = list(validation["source"][:50])
-            example = max(candidates, key=lambda text: len(tokenizer.tokenize(text)))
+            example = attention_example or max(candidates, key=lambda text: len(tokenizer.tokenize(text)))
             output = translate(model, tokenizer, [example])[0]
             weights, source_tokens, target_tokens = attention_weights(model, tokenizer, example, output)
             plot_attention(
