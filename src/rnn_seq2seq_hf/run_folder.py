@@ -274,6 +274,7 @@ class RunFolder:
         self.main = is_main_process()
         self.lock = RunLock(self.folder)
         self._log_handler: logging.Handler | None = None
+        self._console: logging.Handler | None = None
 
     def _check_checkpoints_belong_to_this_run(self) -> None:
         if not self.checkpoints.is_dir() or not any(self.checkpoints.glob("checkpoint-*")):
@@ -318,12 +319,21 @@ class RunFolder:
             self.lock.release()
 
     def _start_log(self) -> None:
+        """Copy the run's log into train.log: the library's INFO lines (whatever the console shows), transformers'
+        warnings, and Trainer's log entries (`TRAIN_LOG_ONLY`). What the console shows does not change."""
         handler = logging.FileHandler(self.folder / LOG_FILE, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
-        # transformers' loggers do not propagate to the root logger: attach to both.
-        for name in ("", "transformers", TRAIN_LOG_ONLY):
-            logging.getLogger(name).addHandler(handler)
+        library = logging.getLogger("rnn_seq2seq_hf")
+        # The library's records reach the file at INFO and the console's handlers only at the level they did before.
+        self._saved = (library.level, library.propagate, library.getEffectiveLevel())
+        library.setLevel(min(logging.INFO, self._saved[2]))
+        library.propagate = False
+        self._console = _ForwardAbove(self._saved[2]) if self._saved[1] else None
+        for target in (library, logging.getLogger("transformers"), logging.getLogger(TRAIN_LOG_ONLY)):
+            target.addHandler(handler)
+        if self._console is not None:
+            library.addHandler(self._console)
         only_file = logging.getLogger(TRAIN_LOG_ONLY)
         only_file.propagate = False
         only_file.setLevel(logging.INFO)
@@ -332,10 +342,34 @@ class RunFolder:
     def _stop_log(self) -> None:
         if self._log_handler is None:
             return
-        for name in ("", "transformers", TRAIN_LOG_ONLY):
-            logging.getLogger(name).removeHandler(self._log_handler)
+        library = logging.getLogger("rnn_seq2seq_hf")
+        for target in (library, logging.getLogger("transformers"), logging.getLogger(TRAIN_LOG_ONLY)):
+            target.removeHandler(self._log_handler)
+        if self._console is not None:
+            library.removeHandler(self._console)
+        library.setLevel(self._saved[0])
+        library.propagate = self._saved[1]
         self._log_handler.close()
         self._log_handler = None
+
+
+class _ForwardAbove(logging.Handler):
+    """Hands records at or above `threshold` to the handlers of the library logger's ancestors (the console), as
+    propagation did before the run lowered the library's level for train.log."""
+
+    def __init__(self, threshold: int):
+        super().__init__()
+        self.threshold = threshold
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < self.threshold:
+            return
+        parent = logging.getLogger("rnn_seq2seq_hf").parent
+        while parent is not None:
+            for handler in parent.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            parent = parent.parent if parent.propagate else None
 
 
 __all__ = [

@@ -50,6 +50,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -475,10 +476,18 @@ def _fit_with_trainer(
         callbacks=callbacks,
     )
     resume = _resume_checkpoint(run, overwrite)
+    state = TrainerState.load_from_json(str(resume / "trainer_state.json")) if resume else None
+    if state is not None and state.max_steps and state.global_step >= state.max_steps:
+        # Training ended before (the run stopped later, in saving or evaluating). Trainer would train one step past
+        # max_steps when resumed from its last checkpoint; take the weights it ended with instead.
+        best = Path(state.best_model_checkpoint or "")
+        final = best if args.load_best_model_at_end and is_complete_checkpoint(best) else resume
+        logger.info("training had ended; the final weights are those of %s", final)
+        load_averaged_weights(model, [final])  # the average of one checkpoint: its weights, ties restored
+        return Fitted(model, args, state.log_history, state.global_step, state.epoch or 0.0)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return Fitted(
-        trainer.model, args, trainer.state.log_history, trainer.state.global_step, trainer.state.epoch or 0.0
-    )
+    state = trainer.state
+    return Fitted(trainer.model, args, state.log_history, state.global_step, state.epoch or 0.0)
 
 
 def _fit_with_accelerate(start: Start, recipe, collator, run, fingerprint, train_features, eval_features, scorer):
