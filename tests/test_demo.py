@@ -14,6 +14,7 @@ from rnn_seq2seq_hf.demo import attention_example, run_demo
 from rnn_seq2seq_hf.demo_data import MONTHS, make_date_pairs, spell_ordinal, spell_year
 from rnn_seq2seq_hf.inference import attention_weights, translate
 from rnn_seq2seq_hf.recipes import load_recipe
+from rnn_seq2seq_hf.run_folder import RunFolderError
 
 NO_LIBRARY_LOADER = textwrap.dedent(
     """
@@ -79,6 +80,14 @@ def test_demo_model_loads_with_trust_remote_code_without_the_library(quick_demo,
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["module"].startswith("transformers_modules.")
+
+
+def test_running_the_demo_again_refuses_to_replace_it_unless_asked(quick_demo):
+    output, _ = quick_demo
+    before = (output / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(RunFolderError, match="holds a finished run"):
+        run_demo(output, quick=True)
+    assert (output / "model" / "model.safetensors").read_bytes() == before
 
 
 def test_demo_tokenizer_keeps_the_fields_of_a_date_apart(quick_demo):

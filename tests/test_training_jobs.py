@@ -125,8 +125,14 @@ def test_an_interrupted_run_resumes_from_its_newest_checkpoint_and_ends_as_an_un
         assert main(args) == 130
     assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-3"]
     assert not (output / "model").exists() and not (output / LOCK_FILE).exists()
+    # a crash while Trainer wrote a checkpoint leaves it without trainer_state.json (Trainer writes that last)
+    shutil.copytree(output / "checkpoints" / "checkpoint-3", output / "checkpoints" / "checkpoint-4")
+    (output / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
     assert main(args) == 0  # the same command again
-    assert "resuming from" in (output / "train.log").read_text()
+    assert (
+        "resuming from" in (output / "train.log").read_text() and "checkpoint-3" in (output / "train.log").read_text()
+    )
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     resumed, uninterrupted = weights(output / "model"), weights(finished / "model")
     assert resumed.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():

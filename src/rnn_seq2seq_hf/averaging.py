@@ -23,11 +23,8 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 STATE_FILES = ("trainer_state.json", "loop_state.json")  # written last by Trainer / the Accelerate loop
 
 
-def is_complete_checkpoint(folder: Path) -> bool:
-    """A `checkpoint-<step>` folder whose engine finished writing it: its weights and its state file (written last
-    by both engines) are there, and the state file parses."""
-    if not (CHECKPOINT_PATTERN.fullmatch(folder.name) and folder.is_dir() and (folder / WEIGHTS_FILE).is_file()):
-        return False
+def has_state_file(folder: Path) -> bool:
+    """Whether the engine's state file (written last by both engines) is in `folder` and parses."""
     for name in STATE_FILES:
         try:
             json.loads((folder / name).read_text())
@@ -35,6 +32,15 @@ def is_complete_checkpoint(folder: Path) -> bool:
             continue
         return True
     return False
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A `checkpoint-<step>` folder whose engine finished writing it: its weights and its state file are there."""
+    folder = Path(folder)
+    if not (CHECKPOINT_PATTERN.fullmatch(folder.name) and folder.is_dir()):
+        return False
+    has_weights = (folder / WEIGHTS_FILE).is_file() or (folder / f"{WEIGHTS_FILE}.index.json").is_file()
+    return has_weights and has_state_file(folder)
 
 
 def complete_checkpoints(folder: str | Path) -> list[Path]:
@@ -155,6 +161,7 @@ def averaged_model(paths: list[str | Path]):
 
 __all__ = [
     "average_checkpoints",
+    "has_state_file",
     "averaged_model",
     "complete_checkpoints",
     "is_complete_checkpoint",

@@ -56,7 +56,7 @@ from transformers import (
 )
 
 from .accelerate_loop import LoopArguments, train_with_accelerate
-from .averaging import complete_checkpoints, is_complete_checkpoint, load_averaged_weights
+from .averaging import complete_checkpoints, has_state_file, is_complete_checkpoint, load_averaged_weights
 from .data import lm_blocks, lm_token_stream, tokenize_parallel
 from .inference import attention_weights, evaluate_perplexity, translate
 from .losses import sequence_loss
@@ -434,16 +434,21 @@ class Fitted:
 
 
 def _resume_checkpoint(run: RunFolder, overwrite: bool) -> Path | None:
-    """The newest complete checkpoint of the folder, unless the run starts over. Incomplete checkpoints (a crash
-    while Trainer wrote one) newer than it are removed, so Trainer does not count them."""
+    """The newest complete checkpoint of the folder, unless the run starts over.
+
+    Trainer writes `trainer_state.json` last, so a newer checkpoint folder without a readable one is what a crash
+    while saving left behind: it is removed (Trainer would otherwise count it among the checkpoints it keeps).
+    """
     if overwrite:
         return None
     complete = complete_checkpoints(run.checkpoints)
     newest = complete[-1] if complete else None
+    newest_step = int(newest.name.split("-")[1]) if newest else -1
     if run.main and run.checkpoints.is_dir():
         for folder in run.checkpoints.glob("checkpoint-*"):
-            if folder.is_dir() and not is_complete_checkpoint(folder):
-                logger.warning("removing the incomplete checkpoint %s", folder)
+            step = folder.name.split("-")[1]
+            if folder.is_dir() and step.isdigit() and int(step) > newest_step and not has_state_file(folder):
+                logger.warning("removing %s: a checkpoint whose writing was interrupted", folder)
                 shutil.rmtree(folder, ignore_errors=True)
     if newest is not None:
         logger.info("resuming from %s", newest)
