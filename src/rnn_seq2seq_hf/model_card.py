@@ -35,7 +35,7 @@ def template_path(name: str) -> Path:
 def hardware_description() -> str:
     if torch.cuda.is_available():
         return f"1 x {torch.cuda.get_device_name(0)}"
-    return f"{torch.get_num_threads()} CPU threads ({platform.machine()}, torch {torch.__version__})"
+    return f"{plural(torch.get_num_threads(), 'CPU thread')} ({platform.machine()}, torch {torch.__version__})"
 
 
 def format_duration(seconds: float) -> str:
@@ -127,9 +127,8 @@ def tokenizer_description(
     digits = splits_digits(tokenizer)
     if digits:
         parts.append("every digit is a token" if digits == 1 else f"digits are cut into groups of at most {digits}")
-    special = ", ".join(
-        f"`{token}`={tokenizer.convert_tokens_to_ids(token)}" for token in tokenizer.all_special_tokens
-    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+    special = ", ".join(f"`{token}`={index}" for token, index in sorted(ids.items(), key=lambda item: item[1]))
     parts.append(f"special tokens {special}")
     if appends_eos(tokenizer):
         parts.append(f"every encoded text ends with `{tokenizer.eos_token}`")

@@ -366,6 +366,10 @@ def check_recipe(recipe: dict, engine: str = "trainer", model_name_or_path: str 
     if model_name_or_path is not None:
         config = pretrained_config(model_name_or_path, task)
         _check_model_section_matches(recipe, config)
+        try:  # the config's own checks of the dropout rates the recipe changes
+            type(config).from_dict({**config.to_dict(), **recipe["model"]})
+        except (ValueError, TypeError) as error:
+            raise RecipeError(f"recipe model: {_one_line(error)}") from None
     else:
         vocabulary = recipe["tokenizer"].get("vocab_size") or 1000  # the real size comes from the tokenizer
         try:
@@ -485,7 +489,7 @@ def _fit_with_trainer(
     if state is not None and state.max_steps and state.global_step >= state.max_steps:
         # Training ended before (the run stopped later, in saving or evaluating). Trainer would train one step past
         # max_steps when resumed from its last checkpoint; take the weights it ended with instead.
-        best = Path(state.best_model_checkpoint or "")
+        best = run.checkpoints / Path(state.best_model_checkpoint or "none").name  # this folder's, if it moved
         final = best if args.load_best_model_at_end and is_complete_checkpoint(best) else resume
         logger.info("training had ended; the final weights are those of %s", final)
         load_averaged_weights(model, [final])  # the average of one checkpoint: its weights, ties restored
