@@ -131,8 +131,8 @@ def test_full_demo_reaches_95_percent_exact_match(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["exact_match"] >= 95.0
     # The README's heatmap claim, on the example attention.png shows: the month is written looking at the month
-    # name, the day at the ordinal at the start of the source ("the twenty-eighth"), the year at the end of the
-    # source, where the spelled-out year is.
+    # name, the day at the start of the source ("the twenty-eighth"), the year at the end of the source, after the
+    # spelled-out year.
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "demo" / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "demo" / "model")
     recipe = load_recipe("demo_dates")
