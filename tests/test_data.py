@@ -136,3 +136,50 @@ def test_split_text_keeps_the_end_for_validation():
     assert train == [str(i) for i in range(8)] and validation == ["8", "9"]
     with pytest.raises(DataError):
         split_text(["a"], 1.5)
+
+
+def test_dataset_text_that_looks_like_dates_stays_text(tmp_path):
+    """`datasets` reads "1994-03-23" in JSON or CSV as a timestamp; the pairs must keep the text as written."""
+    pairs = [("23/03/1994", "1994-03-23"), ("march the fifth, 2008", "2008-03-05")]
+    folder = tmp_path / "json"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        write(
+            folder / f"{split}.jsonl",
+            "".join(json.dumps({"translation": {"src": s, "tgt": t}}) + "\n" for s, t in pairs),
+        )
+    assert "timestamp" in str(datasets.load_dataset(str(folder), split="train").features)  # what datasets infers
+    loaded = load_parallel_dataset(str(folder), "validation", "src", "tgt")
+    assert list(zip(loaded["source"], loaded["target"])) == pairs
+    flat = tmp_path / "csv"
+    flat.mkdir()
+    write(flat / "train.csv", "src,tgt\n" + "".join(f'"{s}",{t}\n' for s, t in pairs))
+    loaded = load_parallel_dataset(str(flat), "train", "src", "tgt")
+    assert list(zip(loaded["source"], loaded["target"])) == pairs
+
+
+def test_a_missing_split_names_the_splits_there_are(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split in ("train", "test"):
+        write(folder / f"{split}.jsonl", "".join(json.dumps({"de": s, "en": t}) + "\n" for s, t in PAIRS))
+    with pytest.raises(DataError, match=r"has no split 'validation'; its splits are: train, test$"):
+        load_parallel_dataset(str(folder), "validation", "de", "en")
+
+
+def test_split_text_refuses_a_fraction_that_leaves_a_side_empty():
+    lines = [str(i) for i in range(30)]
+    with pytest.raises(DataError, match=r"--validation-fraction 0.01 of 30 lines leaves no validation line"):
+        split_text(lines, 0.01)
+    with pytest.raises(DataError, match="leaves no training line"):
+        split_text(lines, 0.99)
+    assert split_text(lines, 0.05) == (lines[:28], lines[28:])
+
+
+def test_a_tokenizer_without_an_end_token_still_gives_pairs_ending_with_it():
+    tokenizer = train_tokenizer([w for pair in PAIRS for w in pair], kind="word", vocab_size=None, add_eos=False)
+    dataset = datasets.Dataset.from_dict({"source": [s for s, _ in PAIRS], "target": [t for _, t in PAIRS]})
+    encoded = tokenize_parallel(dataset, tokenizer)
+    for row in encoded:
+        assert row["input_ids"][-1] == row["labels"][-1] == tokenizer.eos_token_id
+        assert len(row["attention_mask"]) == len(row["input_ids"]) and row["length"] == len(row["input_ids"])

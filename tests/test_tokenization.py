@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from rnn_seq2seq_hf.tokenization import SPECIAL_TOKENS, train_tokenizer
+from rnn_seq2seq_hf.tokenization import (
+    SPECIAL_TOKENS,
+    appends_eos,
+    lm_reads_lines,
+    splits_digits,
+    tokenizer_kind,
+    train_tokenizer,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SENTENCES = [
@@ -113,3 +120,34 @@ def test_penn_treebank_gives_the_standard_10k_vocabulary():
         i for line in (SHARED / "ptb" / "ptb.test.txt").read_text().splitlines() for i in tokenizer(line)["input_ids"]
     ]
     assert len(test_ids) == 82_430  # 78,669 words + 3,761 sentence ends, the standard PTB test size
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "word", "char"])
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_kind_and_end_token_are_read_back_from_the_saved_tokenizer(tmp_path, kind, add_eos):
+    size = 60 if kind in ("bpe", "unigram") else None
+    tokenizer = train_tokenizer(SENTENCES, kind=kind, vocab_size=size, add_eos=add_eos)
+    tokenizer.save_pretrained(tmp_path)
+    for candidate in (tokenizer, AutoTokenizer.from_pretrained(tmp_path)):
+        assert tokenizer_kind(candidate) == kind
+        assert appends_eos(candidate) == add_eos
+        assert lm_reads_lines(candidate) == (kind != "char")
+
+
+@pytest.mark.parametrize(
+    ("split_digits", "pieces"), [(True, ["1", "9", "9", "4"]), (2, ["19", "94"]), (3, ["199", "4"])]
+)
+def test_split_digits_keeps_the_fields_of_a_date_apart(tmp_path, split_digits, pieces):
+    dates = ["1994-03-23", "2008-11-05", "23/03/1994", "March 23, 1994"] * 30
+    tokenizer = train_tokenizer(dates, kind="bpe", vocab_size=200, split_digits=split_digits)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("1994-03-23", add_special_tokens=False)["input_ids"])
+    month_day = ["0", "3", "-", "2", "3"] if split_digits is True else ["03", "-", "23"]
+    assert tokens == ["▁", *pieces, "-", *month_day]
+    assert tokenizer.decode(tokenizer("March 23, 1994")["input_ids"], skip_special_tokens=True) == "March 23, 1994"
+    tokenizer.save_pretrained(tmp_path)
+    assert splits_digits(AutoTokenizer.from_pretrained(tmp_path)) == (1 if split_digits is True else split_digits)
+    plain = train_tokenizer(dates, kind="bpe", vocab_size=200)
+    assert splits_digits(plain) is None
+    assert any("-" in token and any(c.isdigit() for c in token) for token in plain.get_vocab())  # e.g. "4-03"
+    with pytest.raises(ValueError, match="`split_digits` applies to 'bpe' and 'unigram' tokenizers"):
+        train_tokenizer(dates, kind="word", vocab_size=None, split_digits=True)

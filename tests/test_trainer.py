@@ -1,12 +1,14 @@
-"""Trainer and Seq2SeqTrainer: the loss goes down on a toy copy task, and gradient accumulation gives the same
-logged loss and the same weights as one big batch."""
+"""Trainer and Seq2SeqTrainer: the loss goes down on a toy copy task, gradient accumulation gives the same logged
+loss and the same weights as one big batch, and label smoothing gives the hand-computed loss."""
 
 import pytest
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
-from helpers import PAD, tiny_lm_config, tiny_seq2seq_config
+from helpers import PAD, sharpen, tiny_lm_config, tiny_seq2seq_config
 from rnn_seq2seq_hf import RNNLMForCausalLM, RNNSeq2SeqForConditionalGeneration
+from rnn_seq2seq_hf.tokenization import train_tokenizer
+from rnn_seq2seq_hf.training import JobSeq2SeqTrainer, JobTrainer, sequence_loss_function
 
 
 def pad_batch(features: list[dict]) -> dict:
@@ -133,3 +135,68 @@ def test_four_accumulated_batches_of_2_equal_one_batch_of_8(tmp_path, family):
     assert losses_acc == pytest.approx(losses_big, rel=1e-5, abs=1e-6)
     for name, weight in weights_big.items():
         torch.testing.assert_close(weights_acc[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def smoothed_loss_by_hand(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> float:
+    """Label-smoothed cross-entropy written out token by token: (1 - eps) * -log p(y) + eps * mean_v -log p(v),
+    averaged over the target tokens of the whole batch."""
+    total, count = 0.0, 0
+    for row in range(labels.shape[0]):
+        for position in range(labels.shape[1]):
+            target = int(labels[row, position])
+            if target == -100:
+                continue
+            log_probs = torch.log_softmax(logits[row, position].double(), dim=-1)
+            total += (1 - eps) * -float(log_probs[target]) + eps * -float(log_probs.mean())
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "lm"])
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(8, 1), (2, 4)])
+def test_label_smoothing_gives_the_hand_computed_loss(tmp_path, family, batch_size, accumulation):
+    """The jobs' Trainer with `label_smoothing_factor`: the logged loss of the first step (computed before any update)
+    is the smoothed loss of the 8 examples computed by hand, for the Seq2Seq model (unshifted, decoder inputs from
+    the collator, as Trainer removes the labels) and the LM (shifted), with and without gradient accumulation."""
+    eps = 0.1
+    if family == "seq2seq":
+        model, data = sharpen(seq2seq_model()), copy_task(8, seed=3)
+        tokenizer = train_tokenizer(["a b"], kind="word", vocab_size=None)  # pads with 0, as the tiny models do
+        collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+        trainer_cls, args_cls = JobSeq2SeqTrainer, Seq2SeqTrainingArguments
+    else:
+        model, data, collator = sharpen(lm_model()), lm_task(8, seed=3), pad_batch
+        trainer_cls, args_cls = JobTrainer, TrainingArguments
+    full = pad_batch(data)
+    with torch.no_grad():
+        if family == "seq2seq":
+            logits = model(
+                input_ids=full["input_ids"], attention_mask=full["attention_mask"], labels=full["labels"]
+            ).logits
+            expected = smoothed_loss_by_hand(logits, full["labels"], eps)
+        else:
+            logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits
+            expected = smoothed_loss_by_hand(logits[:, :-1], full["labels"][:, 1:], eps)
+    args = training_args(
+        args_cls,
+        tmp_path,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        logging_steps=1,
+        label_smoothing_factor=eps,
+        train_sampling_strategy="sequential",
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collator,
+        compute_loss_func=sequence_loss_function(model, eps),
+    )
+    trainer.train()
+    assert logged_losses(trainer)[0] == pytest.approx(expected, rel=1e-5)
+    scored = (logits, full["labels"]) if family == "seq2seq" else (logits[:, :-1], full["labels"][:, 1:])
+    assert (
+        abs(expected - smoothed_loss_by_hand(*scored, 0.0)) > 1e-3
+    )  # the smoothing makes a difference the test can see

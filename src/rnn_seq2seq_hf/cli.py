@@ -70,7 +70,7 @@ def _read_text_lines(path: str) -> list[str]:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, overrides=args.set)
+    run_demo(args.output_dir, quick=args.quick, overrides=args.set, overwrite_output_dir=args.overwrite_output_dir)
 
 
 def _parallel(args, split: str, spec: str | None):
@@ -81,29 +81,68 @@ def _parallel(args, split: str, spec: str | None):
     return load_parallel(spec, args.source_lang, args.target_lang) if spec else None
 
 
-def cmd_train_translation(args) -> None:
+def _checked_training_recipe(args, task: str) -> dict:
+    """The recipe, validated before any work (a misspelt --set key is one line, not a traceback after hours), and
+    the output folder checked for a finished run."""
     from .recipes import load_recipe
-    from .training import train_translation
+    from .run_folder import RunFolderError, is_finished_run
+    from .training import check_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    if recipe["task"] != "translation":
-        raise UsageError(f"--recipe {args.recipe} is a {recipe['task']} recipe; use train-lm")
+    if recipe["task"] != task:
+        other = "train-lm" if recipe["task"] == "language_modeling" else "train-translation"
+        raise UsageError(f"--recipe {args.recipe} is a {recipe['task']} recipe; use {other}")
+    recipe = check_recipe(recipe, args.engine, args.model_name_or_path)
+    if is_finished_run(args.output_dir) and not args.overwrite_output_dir:
+        raise RunFolderError(
+            f"{args.output_dir} holds a finished run (model/ and metrics.json); pass --overwrite-output-dir to "
+            "replace it, or choose another --output-dir"
+        )
+    return recipe
+
+
+def _data_name(args, files: list[str | None]) -> str:
+    """How the data is named in the model card: --dataset-name, the --dataset name (a local folder by its own name),
+    or the training files' names; never a path of this machine."""
+    if args.dataset_name:
+        return args.dataset_name
+    if args.dataset:
+        return Path(args.dataset).name if Path(args.dataset).exists() else args.dataset
+    return ",".join(Path(part.strip()).name for spec in files if spec for part in spec.split(","))
+
+
+def _run_quietly(function, *positional, **keywords):
+    """Run a training job with everything it prints sent to stderr: stdout carries only the final metrics."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return function(*positional, **keywords)
+
+
+def cmd_train_translation(args) -> None:
+    from .training import train_translation
+
+    recipe = _checked_training_recipe(args, "translation")
     if not args.dataset and not (args.train and args.validation):
         raise UsageError("give --train and --validation files, or --dataset")
     train = _parallel(args, "train", args.train)
     validation = _parallel(args, args.validation_split, args.validation)
     test = _parallel(args, args.test_split, args.test) if (args.test or args.dataset and args.test_split) else None
-    metrics = train_translation(
+    name = _data_name(args, [args.train])
+    metrics = _run_quietly(
+        train_translation,
         recipe,
         args.output_dir,
         train,
         validation,
         test,
         data_description=args.data_description or "",
-        dataset_name=args.dataset_name or args.dataset or "custom",
-        dataset_type=args.dataset or args.dataset_name or "custom",
+        dataset_name=name,
+        dataset_type=name,
         languages=[args.source_lang, args.target_lang],
         engine=args.engine,
+        model_name_or_path=args.model_name_or_path,
+        overwrite_output_dir=args.overwrite_output_dir,
     )
     if not metrics:  # not the main process of a distributed run
         return
@@ -112,23 +151,19 @@ def cmd_train_translation(args) -> None:
 
 
 def cmd_train_lm(args) -> None:
-    from .data import read_lm_text, split_text
-    from .recipes import load_recipe
+    from .data import load_dataset_splits, read_lm_text, select_split, split_text
     from .training import train_language_model
 
-    recipe = load_recipe(args.recipe, args.set)
-    if recipe["task"] != "language_modeling":
-        raise UsageError(f"--recipe {args.recipe} is a {recipe['task']} recipe; use train-translation")
+    recipe = _checked_training_recipe(args, "language_modeling")
     if args.dataset:
-        import datasets
-
-        try:
-            loaded = datasets.load_dataset(args.dataset, args.dataset_config)
-        except Exception as error:
-            raise UsageError(f"--dataset {args.dataset}: could not be loaded ({error})") from None
-        train_lines = list(loaded["train"][args.text_column])
-        validation_lines = list(loaded[args.validation_split][args.text_column])
-        test_lines = list(loaded[args.test_split][args.text_column]) if args.test_split in loaded else None
+        splits = load_dataset_splits(args.dataset, args.dataset_config)
+        columns = select_split(splits, "train", args.dataset).column_names
+        if args.text_column not in columns:
+            raise UsageError(f"--text-column {args.text_column}: --dataset {args.dataset} has columns {columns}")
+        train_lines = [str(text) for text in select_split(splits, "train", args.dataset)[args.text_column]]
+        validation = select_split(splits, args.validation_split, args.dataset)
+        validation_lines = [str(text) for text in validation[args.text_column]]
+        test_lines = [str(t) for t in splits[args.test_split][args.text_column]] if args.test_split in splits else None
     else:
         if not args.train:
             raise UsageError("give --train (and --validation or --validation-fraction), or --dataset")
@@ -140,21 +175,43 @@ def cmd_train_lm(args) -> None:
         else:
             raise UsageError("give --validation FILE or --validation-fraction F")
         test_lines = read_lm_text(args.test) if args.test else None
-    metrics = train_language_model(
+    name = _data_name(args, [args.train])
+    metrics = _run_quietly(
+        train_language_model,
         recipe,
         args.output_dir,
         train_lines,
         validation_lines,
         test_lines,
         data_description=args.data_description or "",
-        dataset_name=args.dataset_name or args.dataset or "custom",
-        dataset_type=args.dataset or args.dataset_name or "custom",
+        dataset_name=name,
+        dataset_type=name,
         engine=args.engine,
+        model_name_or_path=args.model_name_or_path,
+        overwrite_output_dir=args.overwrite_output_dir,
     )
     if not metrics:  # not the main process of a distributed run
         return
     print(json.dumps({k: v for k, v in metrics.items() if "perplexity" in k or "bits" in k}, indent=2))
     _push_after_training(args)
+
+
+def cmd_average_checkpoints(args) -> None:
+    from .averaging import averaged_model, last_checkpoints
+    from .training import save_model_folder
+
+    if bool(args.checkpoints) == bool(args.last):
+        raise UsageError("give --checkpoints DIR [DIR ...], or --last N with --run-dir RUN")
+    if args.last and not args.run_dir:
+        raise UsageError("--last N needs --run-dir RUN (the output folder of a training run)")
+    if args.checkpoints:
+        for folder in args.checkpoints:
+            if not Path(folder).is_dir():
+                raise UsageError(f"--checkpoints {folder}: no such folder")
+    paths = [Path(p) for p in args.checkpoints] if args.checkpoints else last_checkpoints(args.run_dir, args.last)
+    model, tokenizer = averaged_model(paths)
+    save_model_folder(model, tokenizer, args.output_dir)
+    print(json.dumps({"averaged": [str(path) for path in paths], "output_dir": str(args.output_dir)}, indent=2))
 
 
 def _push_after_training(args) -> None:
@@ -278,6 +335,18 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="after training, push OUTPUT_DIR/model to the Hub")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    parser.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="start over: replace a finished run in --output-dir and ignore its checkpoints (by default a run "
+        "resumes from the folder's newest complete checkpoint and refuses a finished run)",
+    )
+    parser.add_argument(
+        "--model-name-or-path",
+        metavar="MODEL",
+        help="fine-tune this model (a folder or Hub id of an rnn_seq2seq_hf model) with its tokenizer instead of "
+        "training a new tokenizer and model; the recipe's model section must be empty or match it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", required=True, help="folder for model/, metrics.json, attention.png")
     demo.add_argument("--quick", action="store_true", help="a few seconds' version (pipeline check, low accuracy)")
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the recipe")
+    demo.add_argument("--overwrite-output-dir", action="store_true", help="replace a finished demo in --output-dir")
     demo.set_defaults(func=cmd_demo)
 
     train = subcommands.add_parser(
@@ -357,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--commit-message", default="Upload model trained with rnn_seq2seq_hf")
     push.set_defaults(func=cmd_push)
+
+    average = subcommands.add_parser(
+        "average-checkpoints",
+        help="average the weights of checkpoints into a model folder",
+        description="Average the weights of several checkpoints of one run (Trainer or Accelerate engine) into a "
+        "model folder with the tokenizer and generation config, written atomically.",
+    )
+    average.add_argument("--checkpoints", nargs="+", metavar="DIR", help="checkpoint folders to average")
+    average.add_argument(
+        "--last", type=int, metavar="N", help="average the N newest complete checkpoints of --run-dir"
+    )
+    average.add_argument("--run-dir", metavar="RUN", help="with --last: the output folder of a training run")
+    average.add_argument("--output-dir", required=True, help="the model folder to write")
+    average.set_defaults(func=cmd_average_checkpoints)
 
     presets = subcommands.add_parser("presets", help="list the training presets")
     presets.set_defaults(func=cmd_presets)

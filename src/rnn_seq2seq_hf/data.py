@@ -19,6 +19,8 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from .tokenization import appends_eos
+
 
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file and line."""
@@ -107,31 +109,100 @@ def load_parallel(spec: str, source_lang: str = "src", target_lang: str = "tgt")
     return datasets.Dataset.from_dict({"source": [s for s, _ in pairs], "target": [t for _, t in pairs]})
 
 
+def load_dataset_splits(name: str, config_name: str | None = None, **kwargs) -> datasets.DatasetDict:
+    """All splits of a `datasets` dataset (a Hub name or a local folder) as a `DatasetDict`; a `DataError` naming
+    the dataset when it cannot be loaded."""
+    try:
+        loaded = datasets.load_dataset(name, config_name, **kwargs)
+    except Exception as error:  # datasets raises many types (connection, bad files, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--dataset {name}: could not be loaded ({reason})") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def select_split(splits: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
+    """`splits[split]`, or a `DataError` naming the splits the dataset has."""
+    if split not in splits:
+        raise DataError(f"--dataset {name} has no split {split!r}; its splits are: {', '.join(splits) or 'none'}")
+    return splits[split]
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _text_columns(dataset: datasets.Dataset, source_lang: str, target_lang: str) -> list[str]:
+    """The columns that hold the text: `translation`, or the two language columns."""
+    if "translation" in dataset.column_names:
+        return ["translation"]
+    if source_lang in dataset.column_names and target_lang in dataset.column_names:
+        return [source_lang, target_lang]
+    raise DataError(
+        f"dataset has columns {dataset.column_names}: expected 'translation' or {source_lang!r} and {target_lang!r}"
+    )
+
+
+def _needs_reading_as_text(dataset: datasets.Dataset, columns: list[str], source_lang: str, target_lang: str) -> bool:
+    features = dataset.features
+    if columns == ["translation"]:
+        inner = features["translation"]
+        if isinstance(inner, dict):
+            return not all(_is_string(inner.get(lang)) for lang in (source_lang, target_lang))
+        return not isinstance(inner, datasets.Translation)  # Translation columns are strings
+    return not all(_is_string(features[column]) for column in columns)
+
+
 def load_parallel_dataset(
     name: str, split: str, source_lang: str, target_lang: str, config_name: str | None = None
 ) -> datasets.Dataset:
-    """A split of a `datasets` dataset (Hub name or local folder) as `source` / `target` string columns."""
-    try:
-        dataset = datasets.load_dataset(name, config_name, split=split)
-    except Exception as error:  # datasets raises many types (connection, missing split, ...)
-        where = f"dataset {name!r} (config {config_name!r}, split {split!r})"
-        raise DataError(f"{where} could not be loaded: {error}") from None
-    if "translation" in dataset.column_names:
-        return dataset.map(
-            lambda batch: {
-                "source": [pair[source_lang] for pair in batch["translation"]],
-                "target": [pair[target_lang] for pair in batch["translation"]],
-            },
-            batched=True,
-            remove_columns=dataset.column_names,
-        )
-    if source_lang in dataset.column_names and target_lang in dataset.column_names:
-        dataset = dataset.rename_columns({source_lang: "source", target_lang: "target"})
-        return dataset.select_columns(["source", "target"])
-    raise DataError(
-        f"dataset {name!r} has columns {dataset.column_names}: expected 'translation' or {source_lang!r} and "
-        f"{target_lang!r}"
-    )
+    """A split of a `datasets` dataset (Hub name or local folder) as `source` / `target` string columns.
+
+    `datasets` infers column types from the files: JSON or CSV text such as "1994-03-23" becomes a timestamp. The
+    text columns are then read again as text (JSON values as they are written, CSV cells as strings), so a date
+    stays the string it was in the file; columns stored typed (parquet, arrow) are converted to text
+    (timestamps in ISO form).
+    """
+    splits = load_dataset_splits(name, config_name)
+    dataset = select_split(splits, split, name)
+    columns = _text_columns(dataset, source_lang, target_lang)
+    builder = getattr(dataset.info, "builder_name", None)
+    if _needs_reading_as_text(dataset, columns, source_lang, target_lang) and builder in ("json", "csv"):
+        text_type = datasets.Json() if builder == "json" else datasets.Value("string")
+        features = dataset.features.copy()
+        for column in columns:
+            features[column] = text_type
+        splits = load_dataset_splits(name, config_name, features=datasets.Features(features))
+        dataset = splits[split]
+
+    def text(value, column: str) -> str:
+        if isinstance(value, str):
+            return value
+        if value is None or isinstance(value, (dict, list)):
+            raise DataError(f"--dataset {name} split {split!r}: column {column!r} holds {value!r}, not text")
+        return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+    def convert(batch):
+        if columns == ["translation"]:
+            rows = [pair if isinstance(pair, dict) else {} for pair in batch["translation"]]
+            for row in rows:
+                if source_lang not in row or target_lang not in row:
+                    raise DataError(
+                        f"--dataset {name} split {split!r}: a translation without {source_lang!r} and "
+                        f"{target_lang!r} (keys: {sorted(row)})"
+                    )
+            return {
+                "source": [text(row[source_lang], source_lang) for row in rows],
+                "target": [text(row[target_lang], target_lang) for row in rows],
+            }
+        return {
+            "source": [text(value, source_lang) for value in batch[source_lang]],
+            "target": [text(value, target_lang) for value in batch[target_lang]],
+        }
+
+    converted = dataset.map(convert, batched=True, remove_columns=dataset.column_names)
+    return converted.cast(datasets.Features({"source": datasets.Value("string"), "target": datasets.Value("string")}))
 
 
 def tokenize_parallel(
@@ -146,9 +217,16 @@ def tokenize_parallel(
     stop early. Use it for training data only, so evaluation scores cover every test sentence.
     """
 
+    # Sources and targets end with `</s>`: added here when the tokenizer does not append it (a model fine-tuned from
+    # the Hub may come with such a tokenizer).
+    end = [] if appends_eos(tokenizer) else [tokenizer.eos_token_id]
+
     def encode(batch):
         encoded = tokenizer(batch["source"])
-        encoded["labels"] = tokenizer(batch["target"])["input_ids"]
+        if end:
+            encoded["input_ids"] = [ids + end for ids in encoded["input_ids"]]
+            encoded["attention_mask"] = [mask + [1] for mask in encoded["attention_mask"]]
+        encoded["labels"] = [ids + end for ids in tokenizer(batch["target"])["input_ids"]]
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
@@ -179,8 +257,17 @@ def split_text(lines: list[str], validation_fraction: float) -> tuple[list[str],
     """Train on the first lines, validate on the last `validation_fraction` of them (contiguous, as char-rnn and
     nanoGPT split Tiny Shakespeare)."""
     if not 0 < validation_fraction < 1:
-        raise DataError(f"validation fraction must be in (0, 1), got {validation_fraction}")
+        raise DataError(f"--validation-fraction must be in (0, 1), got {validation_fraction}")
     cut = int(round(len(lines) * (1 - validation_fraction)))
+    if cut >= len(lines):
+        raise DataError(
+            f"--validation-fraction {validation_fraction} of {len(lines)} lines leaves no validation line; "
+            f"give at least {1 / len(lines):.2g}, or --validation FILE"
+        )
+    if cut < 1:
+        raise DataError(
+            f"--validation-fraction {validation_fraction} of {len(lines)} lines leaves no training line; give less"
+        )
     return lines[:cut], lines[cut:]
 
 
@@ -212,6 +299,7 @@ def lm_blocks(stream: np.ndarray, block_size: int) -> datasets.Dataset:
 
 __all__ = [
     "DataError",
+    "load_dataset_splits",
     "load_parallel",
     "load_parallel_dataset",
     "lm_blocks",
@@ -221,6 +309,7 @@ __all__ = [
     "read_lm_text",
     "read_parallel_files",
     "read_tsv",
+    "select_split",
     "split_text",
     "tokenize_parallel",
 ]

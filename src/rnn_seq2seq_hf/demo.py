@@ -3,15 +3,18 @@ a few beam-search outputs, and write the model, metrics, attention heatmap and m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import sys
 from pathlib import Path
 
 import datasets
 
 from .demo_data import make_date_pairs
 from .recipes import load_recipe
-from .training import train_translation
+from .training import check_recipe, train_translation
 
 logger = logging.getLogger(__name__)
 
@@ -26,35 +29,52 @@ QUICK_OVERRIDES = [
 ]
 
 
+SPELLED_OUT = re.compile(r"the [a-z-]+ of [a-z]+, [a-z -]+")  # "the twenty-eighth of may, two thousand and nine"
+
+
+def attention_example(sources: list[str]) -> str:
+    """The held-out date the heatmap shows: the first one written out in words ("the <ordinal> of <month>, <year>"),
+    where every field of the output has its own words in the source."""
+    return next((source for source in sources if SPELLED_OUT.fullmatch(source)), sources[0])
+
+
 def pairs_to_dataset(pairs: list[tuple[str, str]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"source": [s for s, _ in pairs], "target": [t for _, t in pairs]})
 
 
-def run_demo(output_dir: str | Path, quick: bool = False, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    output_dir: str | Path, quick: bool = False, overrides: list[str] | None = None, overwrite_output_dir: bool = False
+) -> dict:
     """Run the demo into `output_dir`; returns the metrics written to `output_dir/metrics.json`."""
     output_dir = Path(output_dir)
-    recipe = load_recipe("demo_dates", (QUICK_OVERRIDES if quick else []) + list(overrides or []))
+    recipe = check_recipe(load_recipe("demo_dates", (QUICK_OVERRIDES if quick else []) + list(overrides or [])))
     sizes = recipe["data"]
     train_pairs, heldout = make_date_pairs(
         sizes["train_pairs"], sizes["validation_pairs"] + sizes["test_pairs"], seed=recipe["training"].get("seed", 0)
     )
     validation, test = heldout[: sizes["validation_pairs"]], heldout[sizes["validation_pairs"] :]
     logger.info("demo: %d training pairs, %d held-out pairs", len(train_pairs), len(test))
-    metrics = train_translation(
-        recipe,
-        output_dir,
-        pairs_to_dataset(train_pairs),
-        pairs_to_dataset(validation),
-        pairs_to_dataset(test),
-        data_description=(
-            f"{len(train_pairs):,} synthetic pairs from `rnn_seq2seq_hf.demo_data`: dates between 1900 and 2099 "
-            "written in eight ways (spelled out, with month names, with weekdays, as dd/mm/yyyy), each paired with "
-            "its ISO form. Held-out dates never occur in training."
-        ),
-        dataset_name="synthetic dates (held-out)",
-        dataset_type="rnn_seq2seq_hf/synthetic-dates",
-        languages=["en"],
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's log lines; stdout shows the results below
+        metrics = train_translation(
+            recipe,
+            output_dir,
+            pairs_to_dataset(train_pairs),
+            pairs_to_dataset(validation),
+            pairs_to_dataset(test),
+            data_description=(
+                f"{len(train_pairs):,} synthetic pairs from `rnn_seq2seq_hf.demo_data`: dates between 1900 and "
+                "2099 written in eight ways (spelled out, with month names, with weekdays, as dd/mm/yyyy), each "
+                "paired with its ISO form. Held-out dates never occur in training."
+            ),
+            dataset_name="synthetic dates (held-out)",
+            dataset_type="rnn_seq2seq_hf/synthetic-dates",
+            languages=["en"],
+            overwrite_output_dir=overwrite_output_dir,
+            # the demo's data is the recipe's own, so its name and description are true of this model
+            card_title=recipe.get("name"),
+            card_summary=str(recipe.get("description", "")).strip() or None,
+            attention_example=attention_example([source for source, _ in validation]),
+        )
     outputs = (output_dir / "test_translations.txt").read_text().splitlines()
     print(
         f"\nHeld-out examples ({len(test)} dates never seen in training), beam search with "
@@ -69,4 +89,4 @@ def run_demo(output_dir: str | Path, quick: bool = False, overrides: list[str] |
     return metrics
 
 
-__all__ = ["QUICK_OVERRIDES", "run_demo"]
+__all__ = ["QUICK_OVERRIDES", "attention_example", "run_demo"]

@@ -8,6 +8,7 @@ The templates are `model_cards/rnn_seq2seq.md` and `model_cards/rnn_lm.md` (inst
 from __future__ import annotations
 
 import platform
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import __version__
+from .tokenization import appends_eos, lm_reads_lines, splits_digits, tokenizer_kind
+
+# The package is not on PyPI: the cards' install line installs it from its repository.
+REPOSITORY = "https://github.com/rnn-seq2seq-hf/rnn-seq2seq-hf"
+INSTALL_COMMAND = f"pip install git+{REPOSITORY}"
 
 
 def template_path(name: str) -> Path:
@@ -29,7 +35,7 @@ def template_path(name: str) -> Path:
 def hardware_description() -> str:
     if torch.cuda.is_available():
         return f"1 x {torch.cuda.get_device_name(0)}"
-    return f"{torch.get_num_threads()} CPU threads ({platform.machine()}, torch {torch.__version__})"
+    return f"{plural(torch.get_num_threads(), 'CPU thread')} ({platform.machine()}, torch {torch.__version__})"
 
 
 def format_duration(seconds: float) -> str:
@@ -54,7 +60,7 @@ class CardInfo:
     training_seconds: float | None = None
     hardware: str = field(default_factory=hardware_description)
     repo_id: str = "path/to/this/model"
-    usage_example: str = ""
+    usage_example: str = ""  # a source sentence (translation) or a prompt (LM); quoted safely wherever it is shown
     language: list[str] | None = None
     datasets: list[str] | None = None
     license: str = "apache-2.0"
@@ -62,6 +68,12 @@ class CardInfo:
     attention_image: str | None = None  # file name inside the model folder
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (source, output, reference)
     samples: str = ""  # generated text (language models)
+    tokenizer_origin: str = "trained on the training text with `tokenizers`"
+
+
+def plural(count: int, noun: str) -> str:
+    """ "1 layer", "2 layers"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def architecture_rows(model) -> list[tuple[str, object]]:
@@ -71,9 +83,10 @@ def architecture_rows(model) -> list[tuple[str, object]]:
         rows += [
             (
                 "encoder",
-                f"{config.encoder_layers} layers, {'bi' if config.bidirectional_encoder else 'uni'}directional",
+                f"{plural(config.encoder_layers, 'layer')}, "
+                f"{'bi' if config.bidirectional_encoder else 'uni'}directional",
             ),
-            ("decoder", f"{config.decoder_layers} layers"),
+            ("decoder", plural(config.decoder_layers, "layer")),
             ("attention", config.attention_type),
             ("input feeding", config.input_feeding),
             ("bridge (decoder initial state)", config.bridge),
@@ -93,15 +106,48 @@ def architecture_rows(model) -> list[tuple[str, object]]:
     return rows
 
 
-def tokenizer_description(tokenizer) -> str:
-    backend = tokenizer.backend_tokenizer
-    kind = type(backend.model).__name__
-    lowercase = "Lowercase" in repr(backend.normalizer)
-    return (
-        f"{kind} vocabulary of {len(tokenizer):,} tokens trained on the training text with `tokenizers`"
-        f"{', lowercased' if lowercase else ''}; special tokens `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3; every "
-        "encoded text ends with `</s>`."
-    )
+VOCABULARY_NAMES = {
+    "bpe": "BPE subword vocabulary",
+    "unigram": "unigram (SentencePiece-style) subword vocabulary",
+    "word": "word vocabulary",
+    "char": "character vocabulary",
+}
+
+
+def tokenizer_description(
+    tokenizer, is_seq2seq: bool, origin: str = "trained on the training text with `tokenizers`"
+) -> str:
+    """What the tokenizer is, read from the tokenizer itself (`tokenization.tokenizer_kind` / `appends_eos`)."""
+    kind = tokenizer_kind(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    shared = " shared by source and target" if is_seq2seq and kind in ("bpe", "unigram") else ""
+    parts = [f"A {VOCABULARY_NAMES.get(kind, kind + ' vocabulary')} of {len(tokenizer):,} tokens{shared}, {origin}"]
+    if backend is not None and "Lowercase" in repr(backend.normalizer):
+        parts.append("text is lowercased")
+    digits = splits_digits(tokenizer)
+    if digits:
+        parts.append("every digit is a token" if digits == 1 else f"digits are cut into groups of at most {digits}")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+    special = ", ".join(f"`{token}`={index}" for token, index in sorted(ids.items(), key=lambda item: item[1]))
+    parts.append(f"special tokens {special}")
+    if appends_eos(tokenizer):
+        parts.append(f"every encoded text ends with `{tokenizer.eos_token}`")
+    elif lm_reads_lines(tokenizer):
+        parts.append(
+            f"texts are encoded as they are, without an end token (prompts too); in training and evaluation "
+            f"`{tokenizer.eos_token}` is added after every line"
+        )
+    else:
+        parts.append("texts are encoded as they are, newlines included, without an end token")
+    return "; ".join(parts) + "."
+
+
+def shell_usage(is_seq2seq: bool, repo_id: str, example: str) -> str:
+    """The command-line usage line, with the example quoted for a POSIX shell (it is dataset text)."""
+    if is_seq2seq:
+        command = f"rnn-seq2seq translate --model {shlex.quote(repo_id)} --num-beams 5"
+        return f"printf '%s\\n' {shlex.quote(example)} | {command}"
+    return f"rnn-seq2seq generate --model {shlex.quote(repo_id)} --prompt {shlex.quote(example)}"
 
 
 def build_card(model, tokenizer, info: CardInfo) -> ModelCard:
@@ -141,7 +187,7 @@ def build_card(model, tokenizer, info: CardInfo) -> ModelCard:
         summary=info.summary,
         architecture=architecture_rows(model),
         training_data=info.training_data,
-        tokenizer_description=tokenizer_description(tokenizer),
+        tokenizer_description=tokenizer_description(tokenizer, is_seq2seq, info.tokenizer_origin),
         hyperparameters=hyperparameters,
         training_time=format_duration(info.training_seconds) if info.training_seconds is not None else "unknown time",
         hardware=info.hardware,
@@ -151,9 +197,21 @@ def build_card(model, tokenizer, info: CardInfo) -> ModelCard:
         examples=[tuple(cell.replace("|", "\\|") for cell in row) for row in info.examples],
         samples=info.samples,
         repo_id=info.repo_id,
-        usage_example=info.usage_example.replace('"', '\\"'),
+        usage_literal=repr(info.usage_example),  # a Python string literal, whatever the text holds
+        shell_usage=shell_usage(is_seq2seq, info.repo_id, info.usage_example),
+        install_command=INSTALL_COMMAND,
         intended_use=info.intended_use,
     )
 
 
-__all__ = ["CardInfo", "build_card", "format_duration", "hardware_description", "template_path"]
+__all__ = [
+    "INSTALL_COMMAND",
+    "CardInfo",
+    "build_card",
+    "format_duration",
+    "hardware_description",
+    "plural",
+    "shell_usage",
+    "template_path",
+    "tokenizer_description",
+]
