@@ -212,8 +212,13 @@ def test_train_translation_with_the_accelerate_engine_checkpoints_and_resumes(tr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["split"] == "validation" and "bleu" in metrics
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "model").config.attention_type == "dot"
-    # running it again finds the final checkpoint and only re-evaluates and re-saves
+    # a finished run is never overwritten silently
+    assert main(args) == 2
+    assert (tmp_path / "out" / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
+    # an interrupted run (no metrics yet) resumes from its final checkpoint: it only re-evaluates and re-saves
+    (tmp_path / "out" / "metrics.json").unlink()
     assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["bleu"] == metrics["bleu"]
 
 
 def test_lm_samples_run_on_across_sentence_ends():

@@ -116,9 +116,14 @@ def load_averaged_weights(model: torch.nn.Module, paths: list[str | Path]) -> to
     A weight missing from the checkpoints is an error unless it is tied to one they hold."""
     averaged = average_checkpoints(paths)
     result = model.load_state_dict(averaged, strict=False)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    partners = {**tied, **{source: target for target, source in tied.items()}}
-    missing = [key for key in result.missing_keys if partners.get(key) not in averaged]
+    # A group of tied weights (e.g. encoder embedding, decoder embedding and output layer) is one tensor, stored
+    # once under any one of its names: a missing name is fine when another name of its group was loaded.
+    groups: dict[str, set[str]] = {}
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        group = groups.get(target, {target}) | groups.get(source, {source})
+        for name in group:
+            groups[name] = group
+    missing = [key for key in result.missing_keys if not groups.get(key, set()) & averaged.keys()]
     if missing or result.unexpected_keys:
         problem = f"missing {missing[0]!r}" if missing else f"unexpected {result.unexpected_keys[0]!r}"
         raise ValueError(f"{paths[0]}: the checkpoints do not match the model ({problem})")
