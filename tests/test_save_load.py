@@ -143,3 +143,122 @@ def test_folder_saved_for_auto_class_loads_with_trust_remote_code_without_the_li
         torch.testing.assert_close(remote["logits"], model(**inputs).logits, atol=0, rtol=0)
         gen_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         assert torch.equal(remote["generated"], model.generate(**gen_inputs, num_beams=3, max_new_tokens=5))
+
+
+# --- damaged, hand-edited and unsafe checkpoints ---------------------------------------------------------------------
+
+
+def saved_seq2seq(tmp_path):
+    model = make_seq2seq()
+    model.save_pretrained(tmp_path)
+    model.generation_config.save_pretrained(tmp_path)
+    return model
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_with_a_clear_message(tmp_path):
+    model = saved_seq2seq(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(
+        OSError, match=r"no safetensors weights \(only \['pytorch_model.bin'\]\).*loads safetensors only"
+    ):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`use_safetensors` must be True"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_a_missing_tensor_is_an_error_naming_the_file_and_the_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved_seq2seq(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.decoder.attention.memory_projection.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors.*missing tensors.*memory_projection.weight"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+
+
+def test_a_config_that_no_longer_matches_the_weights_is_an_error(tmp_path):
+    saved_seq2seq(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_type"] = "bahdanau"  # the weights are those of general attention
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not match config.json"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    config["attention_type"], config["hidden_size"] = "general", 32  # another size
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, RuntimeError), match=r"(do not match config.json|size mismatch)"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("{not json", "Expecting property name"), ('{"num_beams": 0}', "num_beams"), ("[1, 2]", "JSON object")],
+)
+def test_a_broken_generation_config_is_an_error_naming_the_file(tmp_path, content, reason):
+    saved_seq2seq(tmp_path)
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"generation_config.json: not a valid generation config \(.*{reason}"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+
+
+def test_keys_absent_from_an_older_config_take_their_defaults(tmp_path):
+    model = saved_seq2seq(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["input_feeding"], config["use_cache"]  # written by older versions? defaults apply
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**seq2seq_inputs()).logits, model(**seq2seq_inputs()).logits)
+
+
+# --- one-line errors for bad model inputs ----------------------------------------------------------------------------
+
+
+def test_token_ids_of_other_integer_types_are_converted():
+    model = make_seq2seq()
+    inputs = seq2seq_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            converted = {k: v.to(dtype) if "input_ids" in k else v for k, v in inputs.items()}
+            torch.testing.assert_close(model(**converted).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(labels=torch.zeros(2, 0, dtype=torch.long)), r"`labels` is empty \(shape \(2, 0\)\)"),
+        (dict(labels=torch.zeros(2, 3)), r"`labels` must hold integer token ids"),
+        (dict(inputs_embeds=[[0.0] * 12]), r"`inputs_embeds` must be a torch tensor"),
+        (
+            dict(decoder_inputs_embeds=torch.zeros(2, 3, 5)),
+            r"`decoder_inputs_embeds` must have shape \[batch, length, 12\]",
+        ),
+        (dict(encoder_outputs="cached"), r"`encoder_outputs` must be what `model.get_encoder\(\)` returns"),
+        (
+            dict(encoder_outputs=(torch.zeros(2, 4, 8),)),
+            r"`encoder_outputs.last_hidden_state` must be a tensor \[batch, source length, 16\]",
+        ),
+        (
+            dict(encoder_outputs=(torch.zeros(2, 4, 16),)),
+            r"`encoder_outputs.final_hidden_state` must be a tensor of shape \(2, 2, 16\)",
+        ),
+        (
+            dict(encoder_outputs={"last_hidden_state": torch.zeros(2, 4, 16), "pooled": 1}),
+            r"unknown fields \['pooled'\]",
+        ),
+    ],
+)
+def test_bad_model_inputs_are_one_line_errors_naming_the_argument(kwargs, message):
+    model = make_seq2seq()
+    inputs = {"input_ids": random_tokens(2, 4), "decoder_input_ids": random_tokens(2, 3), **kwargs}
+    if "inputs_embeds" in kwargs:
+        inputs.pop("input_ids")
+    if "decoder_inputs_embeds" in kwargs:
+        inputs.pop("decoder_input_ids")
+    if "labels" in kwargs:
+        inputs.pop("decoder_input_ids")
+    with pytest.raises(ValueError, match=message) as error:
+        model(**inputs)
+    assert "\n" not in str(error.value)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
+from .generation_rnn import check_generation_arguments
 from .initialization import init_weights_uniform
 
 
@@ -46,9 +47,16 @@ class RecurrentPreTrainedModel(PreTrainedModel):
                 "(pickled `pytorch_model.bin` files can run code when loaded)."
             )
         want_info = kwargs.pop("output_loading_info", False)
+        generation_values = read_generation_config_file(pretrained_model_name_or_path)
+        user_ignores_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:
+            # mismatched shapes are collected (not raised as a multi-line report) and refused below with their keys
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path,
+                *args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
             )
         except OSError:
             folder = Path(str(pretrained_model_name_or_path))
@@ -60,8 +68,9 @@ class RecurrentPreTrainedModel(PreTrainedModel):
                     "transformers, then `model.save_pretrained(new_folder)`."
                 ) from None
             raise
-        check_loading_info(info, pretrained_model_name_or_path)
-        check_generation_config_file(pretrained_model_name_or_path)
+        check_loading_info(info, pretrained_model_name_or_path, allow_mismatched=user_ignores_sizes)
+        if generation_values is not None:
+            check_generation_config(model, generation_values, pretrained_model_name_or_path)
         model.realign_weights()
         return (model, info) if want_info else model
 
@@ -90,17 +99,17 @@ class RecurrentPreTrainedModel(PreTrainedModel):
         self.flatten_recurrent_weights()
 
 
-def check_loading_info(info: dict, source) -> None:
+def check_loading_info(info: dict, source, allow_mismatched: bool = False) -> None:
     """Raise a `ValueError` naming the tensors when the checkpoint's weights do not fit the model."""
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing tensors {sorted(info['missing_keys'])[:10]}")
     if info.get("unexpected_keys"):
         problems.append(f"unexpected tensors {sorted(info['unexpected_keys'])[:10]}")
-    if info.get("mismatched_keys"):
+    if info.get("mismatched_keys") and not allow_mismatched:
         shapes = [
             f"{key}: {tuple(saved)} in the file, {tuple(model)} in the model"
-            for key, saved, model in list(info["mismatched_keys"])[:10]
+            for key, saved, model in sorted(info["mismatched_keys"])[:10]
         ]
         problems.append(f"tensors of another shape ({'; '.join(shapes)})")
     if problems:
@@ -110,17 +119,30 @@ def check_loading_info(info: dict, source) -> None:
         )
 
 
-def check_generation_config_file(source) -> None:
-    """Raise naming the file when a local `generation_config.json` exists but is not a valid generation config."""
+def read_generation_config_file(source) -> dict | None:
+    """The values of a local `generation_config.json` (None without one); raise naming the file when it is not a
+    JSON object (transformers would fail with an unrelated error, or fall back to defaults)."""
     path = Path(str(source)) / "generation_config.json"
     if not path.is_file():
-        return
+        return None
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object, got {type(values).__name__}")
-        GenerationConfig.from_dict(values).validate(strict=True)
-    except (ValueError, TypeError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: not a valid generation config ({reason}).") from None
+    return values
+
+
+def check_generation_config(model, values: dict, source) -> None:
+    """Raise naming the file when the saved generation settings are invalid for this model."""
+    path = Path(str(source)) / "generation_config.json"
+    try:
+        config = GenerationConfig.from_dict(values)
+        config.validate(strict=True)
+        check_generation_arguments(model, {"generation_config": config})
+    except (ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a valid generation config ({reason}).") from None
 
