@@ -213,13 +213,13 @@ def test_every_subcommand_has_help_and_the_common_options(capsys):
         assert "--threads THREADS" in text and "--verbose" in text, command
 
 
-def test_threads_sets_the_torch_thread_count(capsys):
+def test_threads_sets_the_torch_thread_count_for_the_command(monkeypatch):
+    seen = []
+    monkeypatch.setattr("rnn_seq2seq_hf.cli.cmd_presets", lambda args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    try:
-        assert main(["presets", "--threads", "1"]) == 0
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    assert main(["presets", "--threads", "3"]) == 0
+    assert main(["presets"]) == 0
+    assert seen == [3, before] and torch.get_num_threads() == before  # restored after the command
 
 
 @pytest.mark.parametrize(("load", "hinted"), [(3.0, True), (0.1, False)])
@@ -227,12 +227,14 @@ def test_the_demo_hints_at_threads_on_a_busy_machine(tmp_path, monkeypatch, caps
     monkeypatch.setattr("rnn_seq2seq_hf.demo.run_demo", lambda *args, **kwargs: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    real_get_num_threads = torch.get_num_threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
     errors = capsys.readouterr().err
     assert ("note: this machine is busy (load 3.0 on 4 cores)" in errors and "try --threads 1" in errors) == hinted
     assert len(errors.splitlines()) == int(hinted)
-    assert main(["demo", "--output-dir", str(tmp_path), "--threads", "2"]) == 0  # the user chose: no hint
+    monkeypatch.setattr(torch, "get_num_threads", real_get_num_threads)  # --threads sets and restores the real one
+    assert main(["demo", "--output-dir", str(tmp_path), "--threads", "1"]) == 0  # the user chose: no hint
     assert capsys.readouterr().err == ""
 
 

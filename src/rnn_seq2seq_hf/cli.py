@@ -688,6 +688,22 @@ def _logging_for(verbose: bool):
             hub_utils.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """`--threads N`: torch's intra-op thread count for the command (restored afterwards, for in-process use)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _busy_machine_hint(threads: int | None) -> str | None:
     """A one-line hint when other jobs keep this machine's cores busy and torch would still use all of them."""
     if threads is not None:
@@ -718,11 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extras)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        with _logging_for(args.verbose):
-            if args.threads is not None:
-                import torch
-
-                torch.set_num_threads(args.threads)
+        with _logging_for(args.verbose), _torch_threads(args.threads):
             if args.command in LONG_COMMANDS and _is_main_process():
                 hint = _busy_machine_hint(args.threads)
                 if hint:
