@@ -1,18 +1,22 @@
 """Every `rnn-seq2seq` subcommand end to end on tiny data (a few training steps), and its error handling."""
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+import rnn_seq2seq_hf
 from helpers import tiny_lm_config
-from rnn_seq2seq_hf import RNNLMForCausalLM
-from rnn_seq2seq_hf.cli import main
+from rnn_seq2seq_hf import RNNLMForCausalLM, RNNSeq2SeqConfig
+from rnn_seq2seq_hf.cli import build_parser, main
 from rnn_seq2seq_hf.tokenization import special_token_ids, train_tokenizer
 from rnn_seq2seq_hf.training import _lm_samples
 
@@ -49,13 +53,15 @@ sample: {prompt: "the", max_new_tokens: 5, num_samples: 2}
 """
 
 
-def run_cli(*args, stdin=None):
-    """The installed console script in a fresh process (what a user types)."""
+def run_cli(*args, stdin=None, env=None):
+    """The installed console script in a fresh process (what a user types); `env` adds environment variables."""
     command = [
         shutil.which("rnn-seq2seq") or sys.executable,
         *([] if shutil.which("rnn-seq2seq") else ["-m", "rnn_seq2seq_hf.cli"]),
     ]
-    return subprocess.run([*command, *args], input=stdin, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*command, *args], input=stdin, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +157,9 @@ def test_train_lm_then_evaluate_lm_and_generate(tmp_path, capsys, kind):
     assert main(["generate", "--model", str(model_dir), "--prompt", "the", "--max-new-tokens", "4", "--do-sample",
                  "--seed", "1", "--num-return-sequences", "2"]) == 0  # fmt: skip
     assert capsys.readouterr().out.count("---") == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no max_length warning without --max-new-tokens
+        assert main(["generate", "--model", str(model_dir), "--prompt", "the"]) == 0
 
 
 def test_presets_lists_the_shipped_recipes(capsys):
@@ -170,7 +179,7 @@ def test_presets_lists_the_shipped_recipes(capsys):
             "unknown preset 'nope'",
         ),
         (["train-lm", "--recipe", "demo_dates", "--output-dir", "o", "--train", "t"], "is a translation recipe"),
-        (["translate", "--model", ".", "--num-beams", "0"], "--num-beams must be >= 1"),
+        (["translate", "--model", ".", "--num-beams", "0"], "argument --num-beams: must be an integer >= 1, got '0'"),
         (["demo", "--output-dir", "o", "--set", "nonsense"], "must look like section.key=value"),
     ],
 )
@@ -191,12 +200,131 @@ def test_installed_command_reports_a_bad_path_in_one_line():
     assert result.stderr.strip() == "rnn-seq2seq evaluate-lm: error: x.txt: no such file"
 
 
-def test_every_subcommand_has_help(capsys):
-    for command in ("demo", "train-translation", "train-lm", "translate", "evaluate", "evaluate-lm", "generate"):
+def test_every_subcommand_has_help_and_the_common_options(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"demo", "train-translation", "train-lm", "translate", "evaluate", "score", "evaluate-lm", "generate",
+            "push", "presets"} <= commands.keys()  # fmt: skip
+    for command in commands:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
-        assert f"usage: rnn-seq2seq {command}" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert f"usage: rnn-seq2seq {command}" in text
+        assert "--threads THREADS" in text and "--verbose" in text, command
+
+
+def test_threads_sets_the_torch_thread_count_for_the_command(monkeypatch):
+    seen = []
+    monkeypatch.setattr("rnn_seq2seq_hf.cli.cmd_presets", lambda args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert main(["presets", "--threads", "3"]) == 0
+    assert main(["presets"]) == 0
+    assert seen == [3, before] and torch.get_num_threads() == before  # restored after the command
+
+
+@pytest.mark.parametrize(("load", "hinted"), [(3.0, True), (0.1, False)])
+def test_the_demo_hints_at_threads_on_a_busy_machine(tmp_path, monkeypatch, capsys, load, hinted):
+    monkeypatch.setattr("rnn_seq2seq_hf.demo.run_demo", lambda *args, **kwargs: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    real_get_num_threads = torch.get_num_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    errors = capsys.readouterr().err
+    assert ("note: this machine is busy (load 3.0 on 4 cores)" in errors and "try --threads 1" in errors) == hinted
+    assert len(errors.splitlines()) == int(hinted)
+    monkeypatch.setattr(torch, "get_num_threads", real_get_num_threads)  # --threads sets and restores the real one
+    assert main(["demo", "--output-dir", str(tmp_path), "--threads", "1"]) == 0  # the user chose: no hint
+    assert capsys.readouterr().err == ""
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"rnn-seq2seq {rnn_seq2seq_hf.__version__} (torch {torch.__version__}")
+
+
+@pytest.mark.parametrize(
+    "args", [["translate", "--model", "m", "--bogus"], ["translate", "--model", "m", "--num-beams", "0"], ["score"]]
+)
+def test_argparse_errors_show_the_subcommands_usage(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    errors = capsys.readouterr().err
+    assert errors.startswith(f"usage: rnn-seq2seq {args[0]} ")
+    assert len([line for line in errors.splitlines() if "error" in line]) == 1
+
+
+def closed_port_url() -> str:
+    """An address where nothing listens (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_a_model_that_is_neither_a_folder_nor_a_reachable_hub_id_fails_fast_in_one_line():
+    """Before: 28 s of retries on stderr, then a message that said nothing about a local folder."""
+    result = run_cli("translate", "--model", "someone/no-such-model", stdin="a b\n",
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed_port_url()})  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr  # one request, no retries
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rnn-seq2seq translate: error: --model someone/no-such-model: no such folder, and the Hub")
+    assert "cannot be reached" in line
+
+
+def test_an_unknown_hub_id_in_offline_mode_says_so(capsys):
+    assert main(["evaluate-lm", "--model", "someone/no-such-model", "--text", __file__]) == 2
+    errors = capsys.readouterr().err.strip()
+    assert errors == (
+        "rnn-seq2seq evaluate-lm: error: --model someone/no-such-model: no such folder, and HF_HUB_OFFLINE is set "
+        "and the Hub cache has no model 'someone/no-such-model'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HF_TOKEN": ""}, "cannot push: not logged in to the Hugging Face Hub (run `hf auth login` or set HF_TOKEN)"),
+        ({"HF_TOKEN": "a-token"}, "cannot reach the Hub at http://127.0.0.1:"),
+    ],
+)
+def test_push_without_login_or_network_is_one_line(translation_model, tmp_path, env, message):
+    """Before: a 71-line traceback."""
+    environment = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed_port_url(), "HF_HOME": str(tmp_path), **env}
+    result = run_cli("push", "--model", str(translation_model / "out" / "model"), "--repo-id", "me/model",
+                     env=environment)  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"rnn-seq2seq push: error: {message}")
+
+
+def test_push_in_offline_mode_is_one_line(translation_model, capsys):
+    assert main(["push", "--model", str(translation_model / "out" / "model"), "--repo-id", "me/model"]) == 2
+    assert capsys.readouterr().err == (
+        "rnn-seq2seq push: error: cannot push: HF_HUB_OFFLINE is set (unset it to reach the Hub)\n"
+    )
+
+
+def test_quiet_by_default_verbose_on_request(tmp_path):
+    """A model without a length limit in its generation config made generate() warn about max_length on every
+    call, and loading printed progress bars; stdout carries only the translations."""
+    tokenizer = train_tokenizer(["a b c d e f g h"], kind="word", vocab_size=None)
+    model = AutoModelForSeq2SeqLM.from_config(
+        RNNSeq2SeqConfig(vocab_size=len(tokenizer), embedding_size=8, hidden_size=8, **special_token_ids(tokenizer))
+    )
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert model.generation_config.max_new_tokens is None and model.generation_config.max_length is None
+    quiet = run_cli("translate", "--model", str(tmp_path / "model"), stdin="a b\n\nc\n")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert len(quiet.stdout.split("\n")) == 4 and quiet.stdout.split("\n")[1] == ""
+    verbose = run_cli("translate", "--model", str(tmp_path / "model"), "--verbose", stdin="a b\n\nc\n")
+    assert verbose.returncode == 0 and verbose.stdout == quiet.stdout
+    assert "loading" in verbose.stderr.lower()
 
 
 def test_train_translation_with_the_accelerate_engine_checkpoints_and_resumes(translation_model, tmp_path):

@@ -150,8 +150,16 @@ LOAD_WITH_LIBRARY = textwrap.dedent(
     model = AutoModelForSeq2SeqLM.from_pretrained("%(user)s/python-s2s")  # no trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained("%(user)s/python-s2s")
     encoded = tokenizer(["a b c d", "e f", "g h i j k l"], return_tensors="pt", padding=True)
-    json.dump({"module": type(model).__module__,
-               "generate": model.generate(**encoded, num_beams=3, max_new_tokens=6).tolist()},
+    generated = model.generate(**encoded, num_beams=3, max_new_tokens=6)
+
+    # the command line finds the Hub id with one request and loads it the same way
+    from rnn_seq2seq_hf.cli import main
+    open(out + "/cli_input.txt", "w").write("a b c d\\ne f\\ng h i j k l\\n")
+    assert main(["translate", "--model", "%(user)s/python-s2s", "--input", out + "/cli_input.txt",
+                 "--output", out + "/cli_output.txt", "--num-beams", "3", "--max-new-tokens", "6"]) == 0
+    json.dump({"module": type(model).__module__, "generate": generated.tolist(),
+               "decoded": [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)],
+               "cli": open(out + "/cli_output.txt").read().splitlines()},
               open(out + "/with_library.json", "w"))
     """
 )
@@ -213,10 +221,11 @@ def test_python_push_loads_without_the_library_with_identical_outputs(hub_round_
     )
 
 
-def test_with_the_library_the_hub_model_loads_without_trust_remote_code(hub_round_trip):
+def test_with_the_library_the_hub_model_loads_without_trust_remote_code_also_in_the_cli(hub_round_trip):
     reference, _, with_library, _ = hub_round_trip
     assert with_library["module"].startswith("rnn_seq2seq_hf.")
     assert with_library["generate"] == reference["python-s2s"]["generate"]
+    assert with_library["cli"] == with_library["decoded"]  # rnn-seq2seq translate --model OWNER/NAME
 
 
 def test_pipelines_load_from_the_hub_without_the_library(hub_round_trip):

@@ -68,10 +68,12 @@ def test_seq2seq_pipeline_returns_the_alignment(tokenizer):
         np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
 
 
-def test_seq2seq_pipeline_rejects_non_strings(tokenizer):
+def test_seq2seq_pipeline_rejects_non_strings_and_empty_lists(tokenizer):
     translator = pipeline("seq2seq-generation", model=make_seq2seq(), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="takes strings"):
         translator(42)
+    with pytest.raises(ValueError, match="`inputs` is an empty list"):
+        translator([])
 
 
 @pytest.mark.parametrize("source", ["instance", "folder"])

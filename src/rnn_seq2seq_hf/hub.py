@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+
+class HubError(OSError):
+    """The Hub could not be reached or refused the upload; the message is one line saying which and why."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def push_folder(
@@ -27,18 +37,31 @@ def push_folder(
 
     Raises:
         ValueError: `folder` is not a model folder (no config.json or no weights).
+        HubError: offline mode, no login, the Hub cannot be reached, or it refused (one-line message).
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: not a model folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"{folder}: no safetensors weights to push")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("cannot push: HF_HUB_OFFLINE is set (unset it to reach the Hub)")
+    token = token or get_token()
+    if not token:
+        raise HubError("cannot push: not logged in to the Hugging Face Hub (run `hf auth login` or set HF_TOKEN)")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
+        )
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = " (check your token: `hf auth whoami`)" if status in (401, 403) else ""
+        raise HubError(f"the Hub refused to push to {repo_id}: {_first_line(error)}{hint}") from None
+    except Exception as error:  # connection refused, DNS failure, timeout, proxy errors
+        raise HubError(f"cannot reach the Hub at {constants.ENDPOINT} ({_first_line(error)})") from None
     return str(commit)
 
 
-__all__ = ["push_folder"]
+__all__ = ["HubError", "push_folder"]

@@ -57,6 +57,8 @@ class Seq2SeqGenerationPipeline(Pipeline):
 
     def __call__(self, inputs: str | list[str], **kwargs):
         """Generate for one string (returns a list of outputs) or a list of strings (a list of such lists)."""
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise ValueError(f"{TASK}: `inputs` is an empty list; give a string or a list of at least one string")
         return super().__call__(inputs, **kwargs)
 
     def preprocess(self, text: str, truncation: bool = False) -> dict:
