@@ -407,24 +407,22 @@ def cmd_score(args) -> None:
 
 
 def cmd_evaluate_lm(args) -> None:
-    from tokenizers import decoders
-
     from .data import lm_token_stream, read_lm_text
     from .inference import evaluate_perplexity
+    from .tokenization import lm_reads_lines
 
     lines = read_lm_text(args.text)
     model, tokenizer = _load(args.model, "lm", _device(args.device), args.trust_remote_code)
-    per_line = not isinstance(tokenizer.backend_tokenizer.decoder, decoders.Fuse)  # character models read streams
-    stream = lm_token_stream(lines, tokenizer, per_line)
+    stream = lm_token_stream(lines, tokenizer, lm_reads_lines(tokenizer))  # character models read raw text
     scores = evaluate_perplexity(model, stream, args.batch_size, args.block_size, progress=True)
     print(json.dumps(scores, indent=2))
 
 
 def cmd_generate(args) -> None:
     import torch
-    from tokenizers import decoders
 
     from .inference import _length_limit
+    from .tokenization import tokenizer_kind
 
     model, tokenizer = _load(args.model, "lm", _device(args.device), args.trust_remote_code)
     if args.seed is not None:
@@ -434,7 +432,7 @@ def cmd_generate(args) -> None:
         raise UsageError("--prompt is empty after tokenization; give at least one character")
     options = _length_limit(model, _generation_kwargs(args))
     generated = model.generate(**encoded, num_return_sequences=args.num_return_sequences, **options)
-    word_level = not isinstance(tokenizer.backend_tokenizer.decoder, decoders.Fuse)
+    word_level = tokenizer_kind(tokenizer) != "char"
     for sequence in generated:
         text = tokenizer.decode(sequence, skip_special_tokens=True)
         print(text.strip() if word_level else text)  # words decode with a leading space

@@ -282,10 +282,29 @@ def trainer_arguments(recipe: dict, output_dir: str | Path) -> TrainingArguments
         raise RecipeError(f"recipe training: {_one_line(error)}") from None
 
 
+# What the Accelerate engine does by default in a job, as the Trainer engine does (TRAINER_DEFAULTS): evaluate every
+# epoch, keep the best checkpoint by validation BLEU (translation) or loss (language models) and load it at the end,
+# stop early after `early_stopping_patience` evaluations without improvement, log to TensorBoard when installed.
+LOOP_DEFAULTS = {
+    "translation": dict(
+        eval_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="bleu", greater_is_better=True
+    ),
+    "language_modeling": dict(
+        eval_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False
+    ),
+}
+
+
 def loop_arguments(recipe: dict, output_dir: str | Path, fingerprint: str | None = None) -> LoopArguments:
-    """The Accelerate loop's arguments from the recipe's `training` section, with the run's fingerprint (a checkpoint
-    of another run is never resumed)."""
+    """The Accelerate loop's arguments: the job defaults (`LOOP_DEFAULTS`), overridden by the recipe's `training`
+    section, with the run's fingerprint (a checkpoint of another run is never resumed)."""
     settings = dict(recipe.get("training") or {})
+    defaults = {**LOOP_DEFAULTS[recipe["task"]], "report_to": default_report_to()}
+    if settings.get("eval_strategy", defaults["eval_strategy"]) == "no":
+        defaults["load_best_model_at_end"] = False
+    if recipe.get("early_stopping_patience") and "early_stopping_patience" not in settings:
+        defaults["early_stopping_patience"] = recipe["early_stopping_patience"]
+    settings = {**defaults, **settings}
     try:
         args = LoopArguments.from_training_section(str(Path(output_dir) / "checkpoints"), settings)
     except (ValueError, TypeError) as error:
