@@ -11,6 +11,8 @@ model (the traced program cannot branch on values).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -32,8 +34,9 @@ def check_token_ids(input_ids: object, vocab_size: int, name: str = "input_ids")
         input_ids = input_ids.long()
     check_not_empty(input_ids.shape, name)
     if values_checkable():
-        out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
-        if bool(out_of_range.any()):
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host read
+        if low < 0 or high >= vocab_size:
+            out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
             bad = input_ids[out_of_range]
             raise ValueError(
                 f"`{name}` holds token ids outside [0, vocab_size={vocab_size}): found "
@@ -68,20 +71,34 @@ def check_not_empty(shape: torch.Size, name: str) -> None:
         )
 
 
-def check_attention_mask(
-    attention_mask: torch.Tensor | None,
+class Padding(NamedTuple):
+    """A checked padding mask that has padding.
+
+    Attributes:
+        mask: `[B, T]` bool, True at real tokens.
+        lengths: `[B]` int64 on the CPU, real tokens per row (what packing needs); None while tracing.
+    """
+
+    mask: torch.Tensor
+    lengths: torch.Tensor | None
+
+
+def check_padding(
+    attention_mask: torch.Tensor | Padding | None,
     batch_size: int,
     length: int,
     name: str = "attention_mask",
     past_length: int = 0,
-) -> torch.Tensor | None:
-    """Validate a padding mask and return it as `[B, length]` bool (True = real token), or None.
+    allow_empty_rows: bool = True,
+) -> Padding | None:
+    """Validate a padding mask; return it as a `Padding`, or None when it has no padding (or is None).
 
     During generation transformers passes the mask of the whole sequence so far (`past_length + length` columns);
-    only its last `length` columns describe the new tokens.
+    only its last `length` columns describe the new tokens. Values (0 and 1 only), empty rows and the row lengths
+    are read from the device in one go. An already checked `Padding` is returned as it is.
     """
-    if attention_mask is None:
-        return None
+    if attention_mask is None or isinstance(attention_mask, Padding):
+        return attention_mask
     if not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch tensor, got {type(attention_mask).__name__}.")
     allowed = [(batch_size, length)] + ([(batch_size, past_length + length)] if past_length else [])
@@ -92,24 +109,26 @@ def check_attention_mask(
         )
     if attention_mask.shape[1] != length:
         attention_mask = attention_mask[:, -length:]
-    if attention_mask.dtype != torch.bool:
-        if values_checkable() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (token).")
-        attention_mask = attention_mask.bool()
-    return attention_mask
-
-
-def check_no_empty_rows(mask: torch.Tensor | None, name: str = "attention_mask") -> None:
-    """Raise if a row of the mask has no token: such a row has no state to start from and nothing to attend to."""
-    if mask is None or not values_checkable():
-        return
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
+    if not values_checkable():
+        return Padding(attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool(), None)
+    if attention_mask.dtype == torch.bool:
+        lengths = attention_mask.sum(dim=1).tolist()
+    else:
+        low, high, *lengths = torch.cat(
+            [torch.stack(torch.aminmax(attention_mask)).long(), attention_mask.sum(dim=1, dtype=torch.long)]
+        ).tolist()
+        if low < 0 or high > 1:
+            raise ValueError(f"`{name}` must hold only 0 (padding) and 1 (token), found values in {low}..{high}.")
+    if not allow_empty_rows and min(lengths) == 0:
+        rows = [row for row, count in enumerate(lengths) if count == 0]
         raise ValueError(
             f"`{name}` rows {rows[:10]} contain only padding. Every sequence needs at least one token "
             "(tokenize an empty text with its special tokens, e.g. EOS, or drop it from the batch)."
         )
+    if min(lengths) == length:
+        return None  # every position is a token
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
+    return Padding(mask, torch.tensor(lengths, dtype=torch.long))
 
 
 def check_labels(labels: object, shape: tuple | None, vocab_size: int) -> None:
@@ -125,8 +144,9 @@ def check_labels(labels: object, shape: tuple | None, vocab_size: int) -> None:
         raise ValueError(f"`labels` is empty (shape {tuple(labels.shape)}): give at least one target token per row.")
     if not values_checkable():
         return
-    invalid = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
-    if bool(invalid.any()):
+    low, high = torch.stack(torch.aminmax(labels.masked_fill(labels == -100, 0))).tolist()  # one host read
+    if low < 0 or high >= vocab_size:
+        invalid = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
         raise ValueError(
             f"`labels` must be token ids in [0, vocab_size={vocab_size}) or -100 (ignored), "
             f"found {labels[invalid][0].item()}."
@@ -146,12 +166,12 @@ def check_extra_kwargs(kwargs: dict, owner: str) -> None:
 
 
 __all__ = [
-    "check_attention_mask",
+    "Padding",
     "check_extra_kwargs",
     "check_inputs_embeds",
     "check_labels",
-    "check_no_empty_rows",
     "check_not_empty",
+    "check_padding",
     "check_token_ids",
     "values_checkable",
 ]

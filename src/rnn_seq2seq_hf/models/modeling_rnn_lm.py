@@ -18,10 +18,11 @@ from .cache_rnn import RNNCache
 from .configuration_rnn_lm import RNNLMConfig
 from .generation_rnn import RecurrentGenerationMixin
 from .input_checks import (
-    check_attention_mask,
+    Padding,
     check_extra_kwargs,
     check_inputs_embeds,
     check_labels,
+    check_padding,
     check_token_ids,
 )
 from .output_layer import OutputLayer
@@ -110,7 +111,7 @@ class RNNLMModel(RNNLMPreTrainedModel):
                 self.config.num_hidden_layers, self.rnn.num_states, self.config.hidden_size, batch_size, "this model"
             )
             state = cache.get_state()
-        mask = check_attention_mask(
+        mask = check_padding(
             attention_mask, batch_size, length, past_length=cache.num_seen_tokens if cache is not None else 0
         )
 
@@ -224,6 +225,11 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
         """
         check_extra_kwargs(kwargs, type(self).__name__)
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and not isinstance(attention_mask, Padding):
+            # checked once here, for the recurrent stack and for the positions the head repeats
+            past = cache.num_seen_tokens if isinstance(cache, RNNCache) else 0
+            attention_mask = check_padding(attention_mask, *inputs.shape[:2], past_length=past)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -234,7 +240,7 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
             return_dict=True,
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
-        mask = None if attention_mask is None else attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
+        mask = attention_mask.mask if isinstance(attention_mask, Padding) else None  # None: no padding
         hidden = repeat_last_real_position(outputs.last_hidden_state, mask)[:, keep]
         logits = self.lm_head(self.output_dropout(hidden))
         if self.input_to_output is not None:

@@ -40,11 +40,11 @@ from .cache_rnn import RNNCache
 from .configuration_rnn_seq2seq import RNNSeq2SeqConfig
 from .generation_rnn import RecurrentGenerationMixin
 from .input_checks import (
-    check_attention_mask,
+    Padding,
     check_extra_kwargs,
     check_inputs_embeds,
     check_labels,
-    check_no_empty_rows,
+    check_padding,
     check_token_ids,
 )
 from .output_layer import OutputLayer
@@ -103,7 +103,8 @@ class RNNEncoder(nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> RNNEncoderOutput | tuple:
-        """Encode `input_ids` `[B, S]` (or `inputs_embeds` `[B, S, E]`) with `attention_mask` `[B, S]`."""
+        """Encode `input_ids` `[B, S]` (or `inputs_embeds` `[B, S, E]`) with `attention_mask` `[B, S]` (or the
+        `Padding` the model has already checked)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
@@ -111,12 +112,11 @@ class RNNEncoder(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)
         else:
             check_inputs_embeds(inputs_embeds, self.config.embedding_size)
-        mask = check_attention_mask(attention_mask, *inputs_embeds.shape[:2])
-        check_no_empty_rows(mask)
+        padding = check_padding(attention_mask, *inputs_embeds.shape[:2], allow_empty_rows=False)
 
         embeddings = self.embedding_dropout(inputs_embeds)
         outputs, final_state, layer_outputs = self.rnn(
-            embeddings, None, mask, output_layers=bool(output_hidden_states)
+            embeddings, None, padding, output_layers=bool(output_hidden_states)
         )
         final = state_to_batch_first(final_state, self.config.encoder_layers)
         result = RNNEncoderOutput(
@@ -282,14 +282,15 @@ class RNNDecoder(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None,
         cache: RNNCache,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | Padding | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_layers: bool = False,
     ) -> DecoderOutput:
         """Decode `input_ids` `[B, T]` (or `inputs_embeds` `[B, T, E]`) from the state in `cache` (updated in place).
 
         Args:
-            memory: encoder outputs `[B, S, H]`; memory_mask: `[B, S]` bool or None.
+            memory: encoder outputs `[B, S, H]`; memory_mask: `[B, S]` bool (True at source tokens), or None when
+                the source has no padding.
             mask: `[B, T]` bool, False at decoder padding (skipped), or None.
             output_layers: also return the outputs of every recurrent layer.
         """
@@ -321,6 +322,8 @@ class RNNDecoder(nn.Module):
         state = cache.get_state()
         input_feed = cache.extras.get("input_feed")
         steps = embeddings.shape[1]
+        if isinstance(mask, Padding):
+            mask = mask.mask
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and steps > 1
         chunk = max(1, math.ceil(math.sqrt(steps))) if checkpointing else steps
         features, weights, layers = [], [], []
@@ -493,17 +496,27 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         if encoder_outputs is None:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("Give exactly one of `input_ids` and `inputs_embeds` (or `encoder_outputs`).")
+            source = input_ids if input_ids is not None else inputs_embeds
+            if not isinstance(source, torch.Tensor):  # the encoder names the problem
+                source_padding = attention_mask
+            else:  # checked once here, for the encoder and for the attention
+                source_padding = check_padding(attention_mask, *source.shape[:2], allow_empty_rows=False)
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
+                attention_mask=source_padding,
                 inputs_embeds=inputs_embeds,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
         else:
             encoder_outputs = as_encoder_output(encoder_outputs, self.config)
+            source_padding = check_padding(
+                attention_mask, *encoder_outputs.last_hidden_state.shape[:2], allow_empty_rows=False
+            )
         memory = encoder_outputs.last_hidden_state  # [B, S, H]
-        memory_mask = check_attention_mask(attention_mask, *memory.shape[:2])
+        memory_mask = None if source_padding is None else source_padding.mask
 
         if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
             raise ValueError(
@@ -533,7 +546,7 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
                 "this model's decoder",
             )
             cache.check_memory(memory)
-        decoder_mask = check_attention_mask(
+        decoder_mask = check_padding(
             decoder_attention_mask, batch_size, length, "decoder_attention_mask", past_length=cache.num_seen_tokens
         )
 
@@ -581,9 +594,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: i
     the whole accumulated batch (passed by Trainer); dividing by it makes k accumulated micro-batches give the same
     loss and gradient as one big batch.
     """
-    total = nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-    )
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    total = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = (labels != -100).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -648,11 +660,8 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         decoder = self.model.decoder
         encoder_outputs = model_kwargs["encoder_outputs"]
         memory = encoder_outputs["last_hidden_state"]  # [N, S, H], expanded per beam by generate()
-        source_mask = model_kwargs.get("attention_mask")
-        if source_mask is not None:
-            source_mask = check_attention_mask(source_mask, *memory.shape[:2])
-            source_mask = None if bool(source_mask.all()) else source_mask  # no padding: no masking at every step
-        padding = padding_mask(source_mask)
+        source_padding = check_padding(model_kwargs.get("attention_mask"), *memory.shape[:2])
+        padding = padding_mask(None if source_padding is None else source_padding.mask)  # None without padding
         keys = decoder.attention_keys(memory, cache)
         if decoder.rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(decoder.rnn.rnn):
             decoder.rnn.rnn.flatten_parameters()
@@ -721,7 +730,11 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
 
         loss = None
         if labels is not None:
-            check_labels(labels, logits.shape[:2], self.config.vocab_size)
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have shape {tuple(logits.shape[:2])} (one target per decoder position), "
+                    f"got {tuple(labels.shape)}."
+                )
             loss = token_loss(logits, labels, kwargs.get("num_items_in_batch"))
 
         result = Seq2SeqLMOutput(

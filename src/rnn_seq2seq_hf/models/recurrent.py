@@ -35,6 +35,8 @@ from torch import _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
 
+from .input_checks import Padding
+
 RNNState = tuple[torch.Tensor, ...]
 
 
@@ -134,7 +136,8 @@ class RecurrentStack(nn.Module):
         Args:
             inputs: `[B, T, input_size]`.
             state: initial state (see module docstring) or None for zeros.
-            mask: `[B, T]` bool, True for real tokens; None means no padding.
+            mask: `[B, T]` bool, True for real tokens, or a checked `input_checks.Padding` (which carries the row
+                lengths, so no host read is needed here); None means no padding.
             output_layers: also return the outputs of every layer (runs the layers one by one).
 
         Returns:
@@ -154,15 +157,20 @@ class RecurrentStack(nn.Module):
             # Something outside the model (a device move by other code, `param.data = ...`) left the weights in
             # separate buffers; cuDNN would then copy them into one on every call (and warn). Re-flatten once.
             self.rnn.flatten_parameters()
+        lengths = None
+        if isinstance(mask, Padding):
+            mask, lengths = mask
         with torch.autocast(device_type=inputs.device.type, enabled=False):
             if mask is not None and inputs.shape[1] == 1:
                 return self._run_one_step(inputs, state, mask, output_layers)
             if mask is not None and _is_tracing():
                 return self._run_scan(inputs, state, mask)
-            if mask is None or bool(mask.all()):
+            if mask is not None and lengths is None:
+                lengths = mask.sum(dim=1).cpu()  # one host read
+            if mask is None or bool((lengths == inputs.shape[1]).all()):
                 outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
                 return RecurrentOutput(outputs, new_state, layers)
-            return self._run_padded(inputs, state, mask, output_layers)
+            return self._run_padded(inputs, state, mask, lengths, output_layers)
 
     def step(self, inputs: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
         """The decoding path: `inputs` `[B, T, input_size]` without padding from `state`, in one fused call of
@@ -192,19 +200,20 @@ class RecurrentStack(nn.Module):
             layers = tuple(layer * keep for layer in layers)
         return RecurrentOutput(outputs * keep, new_state, layers)
 
-    def _run_padded(self, inputs, state, mask, output_layers) -> RecurrentOutput:
-        lengths = mask.sum(dim=1)  # [B]
+    def _run_padded(self, inputs, state, mask, lengths, output_layers) -> RecurrentOutput:
+        """Padded rows: `lengths` `[B]` on the CPU (real tokens per row)."""
         # A stable sort of "is padding" moves each row's real positions to its front, in their original order.
         order = torch.argsort(~mask, dim=1, stable=True)  # [B, T]
         compact = inputs.gather(1, order[..., None].expand_as(inputs))
-        outputs, new_state, layers = self._run_compact(compact, state, lengths.cpu(), output_layers)
+        outputs, new_state, layers = self._run_compact(compact, state, lengths, output_layers)
 
         def back_in_place(values: torch.Tensor) -> torch.Tensor:
             restored = torch.zeros_like(values).scatter(1, order[..., None].expand_as(values), values)
             return restored * mask[..., None].to(values.dtype)
 
-        has_tokens = lengths > 0
+        has_tokens = lengths > 0  # on the CPU: no host read
         if not bool(has_tokens.all()):
+            has_tokens = has_tokens.to(inputs.device)
             new_state = tuple(torch.where(has_tokens[None, :, None], new, old) for new, old in zip(new_state, state))
         if layers is not None:
             layers = tuple(back_in_place(layer) for layer in layers)
