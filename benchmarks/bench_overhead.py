@@ -385,6 +385,41 @@ def check_same_tokens(name: str, expected: torch.Tensor, got: torch.Tensor) -> N
     print(f"WARNING: {message} (GPU rounding; recorded in token_checks)")
 
 
+def reference_loops(generate, beams: int, device: torch.device) -> dict:
+    """generate() with transformers' own decoding loops (`lean_generation = False`: the library before its lean
+    loops) and, on a GPU, the lean loops without CUDA graphs: the baselines of the speed-ups."""
+    loops = {
+        "generate() greedy [transformers loop]": lambda n: generate(n, lean=False, do_sample=False, num_beams=1),
+        f"generate() beam {beams} [transformers loop]": lambda n: generate(
+            n, lean=False, do_sample=False, num_beams=beams
+        ),
+    }
+    if device.type == "cuda":
+        loops["generate() greedy [no CUDA graphs]"] = lambda n: generate(n, graphs=False, do_sample=False, num_beams=1)
+        loops[f"generate() beam {beams} [no CUDA graphs]"] = lambda n: generate(
+            n, graphs=False, do_sample=False, num_beams=beams
+        )
+    return loops
+
+
+def check_reference_loops(variants: dict, beams: int, steps: int) -> None:
+    """The lean loops (with or without graphs) give transformers' tokens."""
+    for kind in ("greedy", f"beam {beams}"):
+        reference = variants[f"generate() {kind} [transformers loop]"](steps)
+        for name in (f"generate() {kind}", f"generate() {kind} [no CUDA graphs]"):
+            if name in variants:
+                check_same_tokens(name, reference, variants[name](steps))
+
+
+def add_speedups(table: dict, beams: int) -> None:
+    """Time of transformers' loop / time of each lean variant (issue 12: beam 5 at least 3x on a GPU)."""
+    for kind in ("greedy", f"beam {beams}"):
+        reference = table[f"generate() {kind} [transformers loop]"]["seconds"]
+        for name in (f"generate() {kind}", f"generate() {kind} [no CUDA graphs]"):
+            if name in table:
+                table[name]["speedup_over_transformers_loop"] = reference / table[name]["seconds"]
+
+
 def seeded(fn: Callable[[], torch.Tensor], seed: int = 1234) -> Callable[[], torch.Tensor]:
     def call() -> torch.Tensor:
         torch.manual_seed(seed)
@@ -435,7 +470,8 @@ def seq2seq_decoding(size: Size, device: torch.device, rounds: int, repeats: int
     mask = torch.ones_like(source)
     steps, beams = size.length, size.beams
 
-    def generate(n: int, **kwargs):
+    def generate(n: int, lean: bool = True, graphs: bool = True, **kwargs):
+        model.lean_generation, model.generation_cuda_graphs = lean, graphs
         return model.generate(input_ids=source, attention_mask=mask, **generate_kwargs(n), **kwargs)
 
     variants = {
@@ -447,6 +483,7 @@ def seq2seq_decoding(size: Size, device: torch.device, rounds: int, repeats: int
         f"generate() beam {beams}": lambda n: generate(n, do_sample=False, num_beams=beams),
         "bare sampling": lambda n: bare_seq2seq_sample(model, source, n),
         "generate() sampling": lambda n: generate(n, do_sample=True, num_beams=1, top_k=0),
+        **reference_loops(generate, beams, device),
     }
     # The floor must be faithful: identical tokens before anything is timed.
     greedy = variants["bare greedy"](steps)
@@ -459,14 +496,17 @@ def seq2seq_decoding(size: Size, device: torch.device, rounds: int, repeats: int
     sample = seeded(lambda: variants["bare sampling"](steps))()
     check_same_tokens("generate() sampling", sample, seeded(lambda: variants["generate() sampling"](steps))())
 
+    check_reference_loops(variants, beams, steps)
     baselines = {
         "forward loop greedy": "bare greedy",
         "generate() greedy": "bare greedy",
         f"forward loop beam {beams}": f"bare beam {beams}",
         f"generate() beam {beams}": f"bare beam {beams}",
         "generate() sampling": "bare sampling",
+        **{name: ("bare greedy" if "greedy" in name else f"bare beam {beams}") for name in variants if "[" in name},
     }
     table = decode_table(variants, baselines, steps, rounds, repeats, device)
+    add_speedups(table, beams)
 
     # One cached decoder step of the model alone (the second step, so the cache exists).
     with torch.no_grad():
@@ -486,7 +526,8 @@ def lm_decoding(size: Size, device: torch.device, rounds: int, repeats: int) -> 
     mask = torch.ones_like(prompt)
     steps, beams = size.length, size.beams
 
-    def generate(n: int, **kwargs):
+    def generate(n: int, lean: bool = True, graphs: bool = True, **kwargs):
+        model.lean_generation, model.generation_cuda_graphs = lean, graphs
         return model.generate(input_ids=prompt, attention_mask=mask, **generate_kwargs(n), **kwargs)
 
     variants = {
@@ -497,6 +538,7 @@ def lm_decoding(size: Size, device: torch.device, rounds: int, repeats: int) -> 
         f"generate() beam {beams}": lambda n: generate(n, do_sample=False, num_beams=beams),
         "bare sampling": lambda n: bare_lm_sample(model, prompt, n),
         "generate() sampling": lambda n: generate(n, do_sample=True, num_beams=1, top_k=0),
+        **reference_loops(generate, beams, device),
     }
     greedy = variants["bare greedy"](steps)
     check_same_tokens("LM forward loop greedy", greedy, variants["forward loop greedy"](steps))
@@ -511,13 +553,16 @@ def lm_decoding(size: Size, device: torch.device, rounds: int, repeats: int) -> 
         seeded(lambda: variants["bare sampling"](steps))(),
         seeded(lambda: variants["generate() sampling"](steps))(),
     )
+    check_reference_loops(variants, beams, steps)
     baselines = {
         "forward loop greedy": "bare greedy",
         "generate() greedy": "bare greedy",
         f"generate() beam {beams}": f"bare beam {beams}",
         "generate() sampling": "bare sampling",
+        **{name: ("bare greedy" if "greedy" in name else f"bare beam {beams}") for name in variants if "[" in name},
     }
     table = decode_table(variants, baselines, steps, rounds, repeats, device)
+    add_speedups(table, beams)
 
     with torch.no_grad():
         out = model(input_ids=prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)
@@ -571,16 +616,18 @@ def seq2seq_training(size: Size, device: torch.device, rounds: int, repeats: int
 def print_decode_table(title: str, table: dict, forward_step: dict) -> None:
     print(f"\n{title}")
     print(
-        f"  {'variant':<22} {'ms':>8} {'x bare':>6} {'ops/call':>8} {'ops/token':>9} {'x bare':>6} "
+        f"  {'variant':<40} {'ms':>8} {'x bare':>6} {'ops/call':>8} {'ops/token':>9} {'x bare':>6} "
         f"{'non-view/token':>14} {'ops/step':>8} {'syncs/step':>10}"
     )
     for name, row in table.items():
         ratio = f"{row['time_over_bare']:.2f}" if row["time_over_bare"] else "-"
         ops_ratio = f"{row['ops_per_token_over_bare']:.2f}" if row["ops_per_token_over_bare"] else "-"
+        speedup = row.get("speedup_over_transformers_loop")
         print(
-            f"  {name:<22} {row['seconds'] * 1e3:>8.2f} {ratio:>6} {row['ops_per_call']:>8} "
+            f"  {name:<40} {row['seconds'] * 1e3:>8.2f} {ratio:>6} {row['ops_per_call']:>8} "
             f"{row['ops_per_token']:>9.1f} {ops_ratio:>6} {row['non_view_ops_per_token']:>14.1f} "
             f"{row['ops_per_step']:>8.1f} {row['syncs_per_step']:>10.1f}"
+            + (f"   {speedup:.2f}x faster than transformers' loop" if speedup else "")
         )
     print(
         f"  one cached forward step of the model: {forward_step['ops']} ops ({forward_step['non_view_ops']} "

@@ -243,3 +243,74 @@ def test_seq2seq_under_cuda_autocast_keeps_the_recurrence_fp32_and_matches_fp32(
     out.loss.backward()
     grad = model.model.decoder.rnn.rnn.weight_hh_l0.grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
+# --- decoding with CUDA graphs (models/generation_rnn.py) ---------------------------------------------------------
+
+
+def generate_both_ways(model, **kwargs):
+    """generate() on the GPU replaying CUDA graphs, and launching every op (generation_cuda_graphs=False)."""
+    results = []
+    for graphs in (True, False):
+        model.generation_cuda_graphs = graphs
+        torch.manual_seed(0)
+        results.append(model.generate(**kwargs))
+    model.generation_cuda_graphs = True
+    return results
+
+
+@pytest.mark.parametrize(("cell", "attention", "feeding"), SEQ2SEQ_VARIANTS, ids=SEQ2SEQ_IDS)
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_cuda_graph_decoding_gives_the_eager_results(cell, attention, feeding, num_beams):
+    model = make_seq2seq(config=seq2seq_variant_config(cell, attention, feeding)).to(CUDA)
+    source, mask, _ = padded_batch()
+    graphed, eager = generate_both_ways(
+        model,
+        **to_cuda(input_ids=source, attention_mask=mask),
+        max_new_tokens=9,
+        num_beams=num_beams,
+        num_return_sequences=min(num_beams, 2),
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for a, b in zip(graphed.scores, eager.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(graphed.cache.get_state(), eager.cache.get_state(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cuda_graph_decoding_of_the_lm_and_sampling_give_the_eager_results(num_beams):
+    model = make_lm(input_to_output=True).to(CUDA)
+    prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    inputs = to_cuda(input_ids=prompts, attention_mask=(prompts != 0).long())
+    graphed, eager = generate_both_ways(model, **inputs, max_new_tokens=8, num_beams=num_beams)
+    assert torch.equal(graphed, eager)
+    sampled, sampled_eager = generate_both_ways(model, **inputs, max_new_tokens=8, do_sample=True, top_k=5)
+    assert torch.equal(sampled, sampled_eager)
+
+
+def test_cuda_graph_decoding_equals_transformers_loops_and_the_cpu():
+    model = make_seq2seq(attention_type="general", input_feeding=True, seed=7)
+    source, mask, _ = padded_batch()
+    kwargs = dict(max_new_tokens=10, num_beams=5, num_return_sequences=3, return_dict_in_generate=True)
+    cpu = model.generate(input_ids=source, attention_mask=mask, **kwargs)
+    gpu_model = copy.deepcopy(model).to(CUDA)
+    graphed = gpu_model.generate(**to_cuda(input_ids=source, attention_mask=mask), **kwargs)
+    gpu_model.lean_generation = False
+    transformers_loop = gpu_model.generate(**to_cuda(input_ids=source, attention_mask=mask), **kwargs)
+    assert torch.equal(graphed.sequences.cpu(), cpu.sequences)
+    assert torch.equal(graphed.sequences, transformers_loop.sequences)
+    assert torch.equal(graphed.beam_indices, transformers_loop.beam_indices)
+
+
+def test_gradient_checkpointing_on_cuda_gives_the_gradients_of_plain_training():
+    model = make_seq2seq(attention_type="bahdanau", hidden_dropout=0.0).to(CUDA).train()
+    source, mask, labels = padded_batch()
+    inputs = to_cuda(input_ids=source, attention_mask=mask, labels=labels)
+    _, _, plain = loss_logits_grads(model, **inputs)
+    model.activation_checkpointing_enable()
+    _, _, checkpointed = loss_logits_grads(model, **inputs)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], **GRAD_TOL, msg=name)

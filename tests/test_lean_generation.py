@@ -122,8 +122,12 @@ def test_a_step_of_the_lean_loop_is_the_forward_of_one_token():
     with torch.no_grad():
         first = model(**inputs, decoder_input_ids=start)
         expected = model(**inputs, decoder_input_ids=torch.tensor([[1, 7], [1, 8], [1, 9]]))
-        kwargs = {"encoder_outputs": model.get_encoder()(**inputs), "attention_mask": inputs["attention_mask"]}
-        step = model._decoding_step(first.cache, kwargs)
+        kwargs = {
+            "encoder_outputs": model.get_encoder()(**inputs),
+            "attention_mask": inputs["attention_mask"],
+            "cache": first.cache,
+        }
+        step = model._decoding_step(model._decoding_function(kwargs), first.cache, reorders=False)
         logits = step(torch.tensor([[7], [8], [9]]))[:, 0]
     torch.testing.assert_close(logits, expected.logits[:, -1], **LOGIT_TOL)
     for a, b in zip(first.cache.get_state(), expected.cache.get_state()):
@@ -184,3 +188,24 @@ def test_lean_beam_search_equals_transformers_on_long_searches_with_many_finishe
         output_scores=True,
     )
     assert_same_generation(lean, reference)
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "lm"])
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=4, num_return_sequences=2)], ids=["greedy", "beam"])
+def test_the_static_buffers_of_the_cuda_graph_step_give_the_eager_results(monkeypatch, family, options):
+    """The graph driver's buffer logic (reorder inside the step, state written in place, final state) run eagerly
+    on the CPU (capture=False): the same tokens, scores and final cache as the plain driver. On a GPU the captured
+    graph itself is compared in tests/test_cuda.py."""
+    from rnn_seq2seq_hf.models.generation_rnn import GraphedDecodingStep
+
+    model = make_seq2seq(seed=5, input_feeding=True) if family == "seq2seq" else make_lm(seed=5)
+    inputs = seq2seq_inputs() if family == "seq2seq" else lm_inputs()
+    settings = dict(max_new_tokens=8, return_dict_in_generate=True, output_scores=True, **options)
+    eager = model.generate(**inputs, **settings)
+    monkeypatch.setattr(
+        type(model),
+        "_decoding_step",
+        lambda self, function, cache, reorders: GraphedDecodingStep(function, cache, reorders, capture=False),
+    )
+    graphed = model.generate(**inputs, **settings)
+    assert_same_generation(graphed, eager)

@@ -10,7 +10,7 @@ rows) is expanded to one copy per beam, as `generate()` expands the inputs.
 Lean loops. `generate()` keeps all of transformers' set-up (generation config, special tokens, encoder run, beam
 expansion, logits processors, stopping criteria) and its prefill forward; only the per-token loop of greedy search,
 sampling and beam search is replaced by `_sample` / `_beam_search` below, which
-- call the model's own one-token step (`_decoding_step`: embedding, recurrent cell, attention, projection; no input
+- call the model's own one-token step (`_decoding_function`: embedding, recurrent cell, attention, projection; no input
   checks, no output dataclasses, no attention-mask growth: the inputs were checked once by the prefill forward);
 - keep the bookkeeping of transformers' loops, computing the same values with the same operations in the same
   order, so tokens and scores are identical, but with fewer operations per token: tokens and back-pointers per step
@@ -27,6 +27,7 @@ This file imports only installed packages and sibling files, so it travels with 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -41,6 +42,8 @@ from transformers.generation.utils import (
 
 from .cache_rnn import RNNCache
 
+logger = logging.getLogger(__name__)
+
 # model kwargs the lean loops understand; any other keyword (a custom model input) runs transformers' loops
 LEAN_MODEL_KWARGS = frozenset(
     {"attention_mask", "decoder_attention_mask", "encoder_outputs", "cache", "use_cache", "logits_to_keep"}
@@ -51,6 +54,8 @@ class RecurrentGenerationMixin:
     """Mixed into the LM and Seq2Seq heads before `GenerationMixin`."""
 
     lean_generation: bool = True
+    # On a GPU the lean loops replay each decoding step from a CUDA graph (set False to launch it op by op).
+    generation_cuda_graphs: bool = True
 
     # --- arguments ----------------------------------------------------------------------------------------------
 
@@ -107,13 +112,24 @@ class RecurrentGenerationMixin:
             and set(model_kwargs) <= LEAN_MODEL_KWARGS
         )
 
-    def _lean_prefill(self, input_ids, generation_config, model_kwargs):
-        """transformers' prefill forward; returns the float32 logits of the last position, the cache and the step."""
+    def _lean_prefill(self, input_ids, generation_config, model_kwargs, reorders: bool):
+        """transformers' prefill forward; returns the float32 logits of the last position, the cache and the
+        one-token step that continues it (replayed from a CUDA graph on a GPU, see `GraphedDecodingStep`)."""
         outputs = self._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
         cache = outputs.cache
         model_kwargs["cache"] = cache
-        return logits, cache, self._decoding_step(cache, model_kwargs)
+        return logits, cache, self._decoding_step(self._decoding_function(model_kwargs), cache, reorders)
+
+    def _decoding_step(self, function, cache: RNNCache, reorders: bool):
+        """The driver of the one-token step: a CUDA graph on a GPU (unless `generation_cuda_graphs` is False or the
+        model is training), else eager."""
+        if self.generation_cuda_graphs and cache.state[0].is_cuda and not self.training:
+            try:
+                return GraphedDecodingStep(function, cache, reorders)
+            except RuntimeError as error:  # a GPU stack that cannot capture: decode eagerly, same results
+                logger.warning("CUDA graph capture failed (%s); decoding without graphs", str(error).split("\n")[0])
+        return DecodingStep(function, cache)
 
     def _sample(
         self,
@@ -147,7 +163,7 @@ class RecurrentGenerationMixin:
         do_sample = generation_config.do_sample
         processors = LeanProcessors(logits_processor, input_ids, eos)
 
-        logits, cache, step = self._lean_prefill(input_ids, generation_config, model_kwargs)
+        logits, cache, step = self._lean_prefill(input_ids, generation_config, model_kwargs, reorders=False)
         logits = logits[:, None]  # [N, 1, V], the step's layout
         rows, length = input_ids.shape
         # Generated tokens are collected and joined once at the end, unless a logits processor reads them.
@@ -181,13 +197,14 @@ class RecurrentGenerationMixin:
             length += 1
             if length >= max_length:
                 break
-            if eos is not None:
+            if eos is not None and not processors.bans(eos, length - 1):
                 unfinished &= tokens != eos if eos.numel() == 1 else ~torch.isin(tokens, eos)
                 running = int(unfinished.sum())  # the loop's one host synchronisation per token
                 if running == 0:
                     break
                 some_finished = running < rows
             logits = step(tokens)
+        step.finish()
         input_ids = torch.cat([input_ids, *generated], dim=-1) if generated else input_ids
 
         if not return_dict:
@@ -220,25 +237,132 @@ class RecurrentGenerationMixin:
                 **model_kwargs,
             )
         search = LeanBeamSearch(input_ids, generation_config, stopping_criteria, logits_processor)
-        logits, cache, step = self._lean_prefill(input_ids, generation_config, model_kwargs)
+        logits, cache, step = self._lean_prefill(input_ids, generation_config, model_kwargs, reorders=True)
         logits = logits[:, None]  # [N, 1, V], the step's layout
         while True:
-            beam_idx = search.advance(logits)  # flat rows to keep, [N]
-            if cache.state is not None:
-                cache.state = tuple(tensor.index_select(1, beam_idx) for tensor in cache.state)
-            if cache.extras:
-                cache.extras = {name: tensor.index_select(0, beam_idx) for name, tensor in cache.extras.items()}
+            step.reorder(search.advance(logits))  # keep the chosen beams' states, [N] rows
             if search.done:
                 break
             logits = step(search.last_tokens)
+        step.finish()
         if cache.memory is not None:
             # beams only move within their sentence, whose memory rows are equal: row i still reads memory row i
             cache.bind_memory(cache.memory)
         return search.outputs(self.config.is_encoder_decoder, cache)
 
-    def _decoding_step(self, cache: RNNCache, model_kwargs: dict):
-        """`step(tokens [N, 1]) -> logits [N, 1, vocab] (float32)`, continuing `cache` in place (one model step)."""
+    def _decoding_function(self, model_kwargs: dict):
+        """`step(tokens [N, 1], state, feed) -> (logits [N, 1, vocab] float32, state, feed)`: one model step, a
+        function of tensors only (so a CUDA graph can capture it)."""
         raise NotImplementedError
+
+
+class DecodingStep:
+    """Runs the model's one-token step eagerly, continuing `cache` in place; beam reorders select rows of it."""
+
+    def __init__(self, function, cache: RNNCache):
+        self.function, self.cache = function, cache
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` `[N, 1]` -> logits `[N, 1, V]`."""
+        cache = self.cache
+        logits, cache.state, feed = self.function(tokens, cache.state, cache.extras.get("input_feed"))
+        if feed is not None:
+            cache.extras["input_feed"] = feed
+        cache.num_seen_tokens += 1
+        return logits
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Row i of the state becomes row `beam_idx[i]` (beam search)."""
+        cache = self.cache
+        cache.state = tuple(tensor.index_select(1, beam_idx) for tensor in cache.state)
+        if cache.extras:
+            cache.extras = {name: tensor.index_select(0, beam_idx) for name, tensor in cache.extras.items()}
+
+    def finish(self) -> None:
+        """Leave the cache as the loop's last step and reorder made it."""
+
+
+class GraphedDecodingStep:
+    """The model's one-token step captured once in a CUDA graph and replayed at every step.
+
+    On a GPU at decoding sizes a step is dozens of tiny kernels whose launches cost more than their work; a graph
+    launches them all at once. Graphs need fixed memory: the tokens, the beam order and the state live in static
+    buffers that the graph reads and writes in place, `[N, 1]`, `[N]` and the cache's state layout. The graph
+    starts by selecting the rows of the previous beam order (identity for greedy search and sampling), so a beam
+    search step is one replay. The source (memory, keys, padding) is fixed during one `generate()` call, and its
+    tensors are captured as they are. Each call of `generate()` captures its own graph (its sizes are its own).
+
+    Same results as `DecodingStep` (the same kernels on the same values; tested on a GPU). With `capture=False`
+    (tests on the CPU) the same buffer logic runs eagerly instead of replaying.
+    """
+
+    def __init__(self, function, cache: RNNCache, reorders: bool, capture: bool = True):
+        self.function, self.cache, self.reorders, self.capture = function, cache, reorders, capture
+        self.state = tuple(tensor.clone() for tensor in cache.state)
+        feed = cache.extras.get("input_feed")
+        self.feed = None if feed is None else feed.clone()
+        rows = self.state[0].shape[1]
+        device = self.state[0].device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.beam_idx = torch.arange(rows, device=device)
+        self.graph = None
+        if capture:
+            initial = (
+                tuple(tensor.clone() for tensor in self.state),
+                None if self.feed is None else self.feed.clone(),
+            )
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (cuDNN and cuBLAS pick their kernels) outside the capture
+                self._body()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._body()
+            self._restore(*initial)
+
+    def _body(self) -> torch.Tensor:
+        """The captured work: reorder the state rows, one model step, write the new state in place."""
+        state, feed = self.state, self.feed
+        if self.reorders:
+            state = tuple(tensor.index_select(1, self.beam_idx) for tensor in state)
+            feed = None if feed is None else feed.index_select(0, self.beam_idx)
+        logits, new_state, new_feed = self.function(self.tokens, state, feed)
+        for buffer, tensor in zip(self.state, new_state):
+            buffer.copy_(tensor)
+        if self.feed is not None:
+            self.feed.copy_(new_feed)
+        return logits
+
+    def _restore(self, state, feed) -> None:
+        for buffer, tensor in zip(self.state, state):
+            buffer.copy_(tensor)
+        if feed is not None:
+            self.feed.copy_(feed)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()  # the static output is overwritten by the next replay
+        else:
+            logits = self._body()
+        self.cache.num_seen_tokens += 1
+        return logits
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        # applied by the next step (or by `finish`); beam search reorders before every step
+        self.beam_idx.copy_(beam_idx)
+
+    def finish(self) -> None:
+        """Give the cache the final state: the static buffers, with the last beam order applied."""
+        state, feed = self.state, self.feed
+        if self.reorders:
+            state = tuple(tensor.index_select(1, self.beam_idx) for tensor in state)
+            feed = None if feed is None else feed.index_select(0, self.beam_idx)
+        self.cache.state = tuple(tensor.clone() for tensor in state)
+        if feed is not None:
+            self.cache.extras["input_feed"] = feed.clone()
 
 
 class LeanProcessors:
@@ -276,6 +400,16 @@ class LeanProcessors:
 
     def __bool__(self) -> bool:
         return bool(self.others) or self.min_length > 0
+
+    def bans(self, eos: torch.Tensor, length: int) -> bool:
+        """Whether the minimum-length mask made every id of `eos` impossible at a sequence length of `length` (the
+        EOS bookkeeping of that step is then a no-op and is skipped; the other processors cannot raise a score
+        from minus infinity)."""
+        if length >= self.min_length:
+            return False
+        if not hasattr(self, "_banned"):
+            self._banned = set(self._eos_ids.tolist())
+        return set(eos.tolist()) <= self._banned and 0 not in self._banned  # (an all -inf row's argmax is 0)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, length: int) -> torch.Tensor:
         if length < self.min_length:
@@ -358,7 +492,7 @@ class LeanBeamSearch:
         last_step = self.cur_len + 1 >= self.max_length
         if last_step:
             hits = torch.ones_like(top_codes, dtype=torch.bool)
-        elif self.eos is not None:
+        elif self.eos is not None and not self.processors.bans(self.eos, self.cur_len):
             tokens = top_codes % vocab
             hits = tokens == self.eos if self.eos.numel() == 1 else torch.isin(tokens, self.eos)
         else:

@@ -176,22 +176,20 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
             )
         return embeddings
 
-    def _decoding_step(self, cache: RNNCache, model_kwargs: dict):
-        """`generate()`'s one-token step (see generation_rnn.py): the computation of `forward` for one new token
-        that is not padding, from the state in `cache` (updated in place); returns float32 logits `[N, 1, vocab]`."""
+    def _decoding_function(self, model_kwargs: dict):
+        """`generate()`'s one-token step (see generation_rnn.py): `step(tokens [N, 1], state, feed) -> (logits
+        [N, 1, vocab] float32, state, None)`, the computation of `forward` for one new token that is not padding."""
         model, rnn = self.model, self.model.rnn
         if rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(rnn.rnn):
             rnn.rnn.flatten_parameters()
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
+        def step(tokens: torch.Tensor, state: tuple, feed: None):
             raw = model.embed_tokens(tokens)  # [N, 1, E]
-            outputs, state = rnn.step(model.embedding_dropout(raw), cache.state)
-            cache.state = state
-            cache.num_seen_tokens += 1
+            outputs, state = rnn.step(model.embedding_dropout(raw), state)
             logits = self.lm_head(self.output_dropout(outputs))
             if self.input_to_output is not None:
                 logits = logits + self.input_to_output(model.embedding_dropout(raw))
-            return logits if logits.dtype == torch.float32 else logits.float()  # [N, 1, V]
+            return (logits if logits.dtype == torch.float32 else logits.float()), state, None
 
         return step
 

@@ -654,28 +654,25 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         works when `Trainer` takes the labels out of the inputs, as it does for label smoothing)."""
         return shift_tokens_right(labels, self.config.pad_token_id or 0, self.config.decoder_start_token_id)
 
-    def _decoding_step(self, cache: RNNCache, model_kwargs: dict):
-        """`generate()`'s one-token step (see generation_rnn.py): the decoder computation of `forward` for one new
-        token, from the state in `cache` (updated in place); returns float32 logits `[N, 1, vocab]`."""
+    def _decoding_function(self, model_kwargs: dict):
+        """`generate()`'s one-token step (see generation_rnn.py): `step(tokens [N, 1], state, feed) -> (logits
+        [N, 1, vocab] float32, state, feed)`, the decoder computation of `forward` for one new token; `feed` is the
+        previous attentional vector `[N, H]` with input feeding, else None. The source (memory, attention keys,
+        padding) is read from `model_kwargs` once."""
         decoder = self.model.decoder
-        encoder_outputs = model_kwargs["encoder_outputs"]
-        memory = encoder_outputs["last_hidden_state"]  # [N, S, H], expanded per beam by generate()
+        memory = model_kwargs["encoder_outputs"]["last_hidden_state"]  # [N, S, H], expanded per beam by generate()
         source_padding = check_padding(model_kwargs.get("attention_mask"), *memory.shape[:2])
         padding = padding_mask(None if source_padding is None else source_padding.mask)  # None without padding
-        keys = decoder.attention_keys(memory, cache)
+        keys = decoder.attention_keys(memory, model_kwargs["cache"])
         if decoder.rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(decoder.rnn.rnn):
             decoder.rnn.rnn.flatten_parameters()
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
+        def step(tokens: torch.Tensor, state: tuple, feed: torch.Tensor | None):
             embedding = decoder.embedding_dropout(decoder.embed_tokens(tokens))  # [N, 1, E]
-            input_feed = cache.extras.get("input_feed")
-            feature, _, state, _ = decoder.step(embedding, cache.state, input_feed, memory, keys, padding, None)
-            cache.state = state
-            if decoder.input_feeding:
-                cache.extras["input_feed"] = feature[:, 0]
-            cache.num_seen_tokens += 1
+            feature, _, state, _ = decoder.step(embedding, state, feed, memory, keys, padding, None)
             logits = self.lm_head(feature)  # [N, 1, V]
-            return logits if logits.dtype == torch.float32 else logits.float()
+            feed = feature[:, 0] if decoder.input_feeding else None
+            return (logits if logits.dtype == torch.float32 else logits.float()), state, feed
 
         return step
 
