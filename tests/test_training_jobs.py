@@ -333,6 +333,7 @@ def test_stdout_carries_only_the_metrics_and_the_log_goes_to_stderr_and_train_lo
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(result.stdout)) == {"bleu", "bleu_lowercase", "chrf", "exact_match", "split"}
+    assert result.stdout.startswith("{")  # nothing before it (the tokenizers trainer's progress wrote newlines)
     assert "'loss'" in result.stderr and "translating" in result.stderr  # Trainer's log and the progress bars
     log = (tmp_path / "out" / "train.log").read_text()
     assert "step 2: {'loss'" in log and "saved" in log

@@ -72,10 +72,15 @@ def train_tokenizer(
     if kind in ("bpe", "unigram"):
         if kind == "bpe":
             tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-            trainer = trainers.BpeTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency, **size)
+            # show_progress=False: the Rust progress bar writes to the terminal's stdout, which carries results
+            trainer = trainers.BpeTrainer(
+                special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency, show_progress=False, **size
+            )
         else:
             tokenizer = Tokenizer(models.Unigram())
-            trainer = trainers.UnigramTrainer(special_tokens=SPECIAL_TOKENS, unk_token=UNK, **size)
+            trainer = trainers.UnigramTrainer(
+                special_tokens=SPECIAL_TOKENS, unk_token=UNK, show_progress=False, **size
+            )
         tokenizer.normalizer = normalizer
         # Digits split after the space marker: "▁1994" -> "▁", "1", "9", "9", "4" (decodes back to " 1994").
         if split_digits:
