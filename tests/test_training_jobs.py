@@ -357,3 +357,14 @@ def test_a_missing_split_names_the_splits_there_are(tmp_path, capsys):
             "--dataset", str(folder), "--source-lang", "de", "--target-lang", "en"]  # fmt: skip
     assert main(args) == 2
     assert "has no split 'validation'; its splits are: train, test" in one_error_line(capsys)
+
+
+def test_a_time_limit_ends_training_with_its_evaluation_and_best_checkpoint(data, tmp_path, capsys):
+    recipe = QUIET_RECIPE.replace("max_steps: 6", "max_steps: 10000") + "time_limit_minutes: 0.0001\n"
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    args = translation_args(data, tmp_path / "out")
+    args[args.index("--recipe") + 1] = str(tmp_path / "recipe.yaml")
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] < 100  # stopped long before max_steps
+    assert "time limit of" in (tmp_path / "out" / "train.log").read_text()

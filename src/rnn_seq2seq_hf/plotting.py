@@ -25,7 +25,8 @@ def plot_loss_curves(log_history: list[dict], path: str | Path, title: str = "lo
     axes.set_ylabel("cross-entropy (nats / token)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if train or valid:  # a run too short to log anything still gets its (empty) figure
+        axes.legend()
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)

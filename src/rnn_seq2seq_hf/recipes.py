@@ -12,7 +12,8 @@ A recipe has the sections
 - `evaluation`: batch_size and block_size of the stateful perplexity evaluation (language modelling);
 - `sample`: prompt and sampling settings of the samples written after training (language modelling);
 - top-level `name`, `description` (free text), `early_stopping_patience` (evaluations without improvement before
-  training stops) and `average_last_checkpoints` (the final model is the average of the last N checkpoints).
+  training stops), `average_last_checkpoints` (the final model is the average of the last N checkpoints) and
+  `time_limit_minutes` (training stops after this wall time, evaluates and keeps the best checkpoint as usual).
 Any value can be overridden with `section.key=value` strings (`--set training.num_train_epochs=2` on the CLI).
 
 `validate_recipe` checks every section before any work starts: an unknown key is an error naming the key and the
@@ -38,7 +39,14 @@ import yaml
 
 TASKS = ("translation", "language_modeling")
 SECTIONS = ("tokenizer", "model", "training", "generation", "data", "evaluation", "sample")
-TOP_LEVEL = ("name", "description", "task", "early_stopping_patience", "average_last_checkpoints")
+TOP_LEVEL = (
+    "name",
+    "description",
+    "task",
+    "early_stopping_patience",
+    "average_last_checkpoints",
+    "time_limit_minutes",
+)
 # Model-config fields the job sets from the tokenizer; a recipe must not set them.
 FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 # Tokenizer arguments the job sets itself (language models pad on the left and add no end token).
@@ -285,6 +293,7 @@ TOP_LEVEL_KEYS = {
     "description": (str, None),
     "early_stopping_patience": (int | None, at_least(1)),
     "average_last_checkpoints": (int | None, at_least(2)),
+    "time_limit_minutes": (float | None, greater_than(0)),
 }
 # Ranges of training fields that TrainingArguments does not check itself before training.
 TRAINING_RANGES = {

@@ -188,6 +188,25 @@ class LossWatch(TrainerCallback):
         self.lowest = min(self.lowest, loss)
 
 
+class TimeLimit(TrainerCallback):
+    """Stop training after `seconds` of wall time (the recipe's `time_limit_minutes`): a run sized for a time budget
+    (a lent GPU, a CPU hour) ends with its evaluations and best checkpoint instead of being killed."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_training_stop and time.perf_counter() - self.started > self.seconds:
+            logger.info(
+                "time limit of %.1f minutes reached at step %d: stopping", self.seconds / 60, state.global_step
+            )
+            control.should_training_stop = True
+
+
 class KeepGenerationConfig(TrainerCallback):
     """Keep the model's generation config as configured through `Seq2SeqTrainer` evaluation.
 
@@ -491,6 +510,8 @@ def _fit_with_trainer(
     patience = recipe.get("early_stopping_patience")
     if patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
+    if recipe.get("time_limit_minutes"):
+        callbacks.append(TimeLimit(60 * recipe["time_limit_minutes"]))
     trainer_class = JobSeq2SeqTrainer if translation else JobTrainer
     trainer = trainer_class(
         model=model,
