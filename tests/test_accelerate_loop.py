@@ -556,3 +556,12 @@ def test_an_evaluation_that_cannot_work_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="`eval_strategy` is 'steps' but no `eval_dataset`"):
         train_with_accelerate(build_model(), data, pad_batch, args)
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+
+
+def test_a_time_limit_stops_the_loop_and_saves_the_last_step(tmp_path):
+    """`max_train_seconds` (the recipe's `time_limit_minutes`): the loop stops, logs and checkpoints that step."""
+    args = loop_args(tmp_path, max_steps=10_000, save_steps=10_000, logging_steps=10_000, max_train_seconds=1e-9)
+    _, state, _ = train_with_accelerate(build_model(), tokenized_copy_task(16, 1), pad_batch, args)
+    assert state.step == 1
+    assert [entry["step"] for entry in state.log_history if "loss" in entry] == [1]
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]

@@ -6,7 +6,7 @@ import yaml
 
 from rnn_seq2seq_hf.cli import main
 from rnn_seq2seq_hf.recipes import RecipeError, available_presets, load_recipe, recipe_yaml, validate_recipe
-from rnn_seq2seq_hf.training import check_recipe
+from rnn_seq2seq_hf.training import check_recipe, loop_arguments
 
 LM_RECIPE = {
     "task": "language_modeling",
@@ -107,8 +107,11 @@ def test_averaging_needs_checkpoints_kept():
         RecipeError, match="save_total_limit` is 2, but `average_last_checkpoints: 3` needs at least 3"
     ):
         check_recipe(recipe)
-    with pytest.raises(RecipeError, match="set training.save_steps"):
+    with pytest.raises(RecipeError, match="needs checkpoints; set training.save_strategy"):
         check_recipe(load_recipe("demo_dates", ["average_last_checkpoints=3"]), engine="accelerate")
+    # without a save_strategy in the recipe, the Accelerate engine keeps one checkpoint per epoch, as Trainer does
+    args = loop_arguments({"task": "translation", "training": {}, "average_last_checkpoints": 3}, "out")
+    assert (args.save_strategy, args.save_total_limit) == ("epoch", 3)
 
 
 def test_a_float_that_pyyaml_reads_as_a_string_is_converted():

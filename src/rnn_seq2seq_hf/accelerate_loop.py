@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -555,6 +556,7 @@ def train_with_accelerate(
 
     # 3. Train: one global batch (accumulation window) per optimizer step, then log, evaluate, checkpoint.
     model.train()
+    started = time.perf_counter()
     try:
         while state.step < total_steps and not state.stopped_early:
             train_loader.set_epoch(state.epoch)
@@ -573,6 +575,11 @@ def train_with_accelerate(
                     state.window_steps += 1
                     _watch_loss(state, step_loss)
                     reporter.step()
+                    if args.max_train_seconds and time.perf_counter() - started > args.max_train_seconds:
+                        logger.info(
+                            "time limit of %.0f s reached at step %d: stopping", args.max_train_seconds, state.step
+                        )
+                        total_steps = state.step  # this step is the last: it logs and saves as the last one does
                 if len(window) < wanted or state.batches_in_epoch >= batches_per_epoch:
                     state.epoch, state.batches_in_epoch, epoch_ended = state.epoch + 1, 0, True
                 if not window:

@@ -65,6 +65,7 @@ class LoopArguments:
     load_best_model_at_end: bool = False
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
+    max_train_seconds: float | None = None  # stop (log, save, evaluate at the end) after this wall time of training
     generation_num_beams: int | None = None  # beams for evaluation (default: the model's generation config)
     generation_max_new_tokens: int | None = None
     # "tensorboard" (logs to output_dir/runs), "all" (what is installed), "none" (or None)

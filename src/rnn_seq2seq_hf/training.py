@@ -323,16 +323,24 @@ def loop_arguments(recipe: dict, output_dir: str | Path, fingerprint: str | None
         defaults["load_best_model_at_end"] = False
     if recipe.get("early_stopping_patience") and "early_stopping_patience" not in settings:
         defaults["early_stopping_patience"] = recipe["early_stopping_patience"]
+    average = recipe.get("average_last_checkpoints")
+    if average and "save_strategy" not in settings and "save_steps" not in settings:
+        defaults["save_strategy"] = "epoch"  # checkpoints to average: one per epoch, as with the Trainer engine
+    if average and "save_total_limit" not in settings:
+        defaults["save_total_limit"] = average  # (the best checkpoint is kept besides them)
+    if recipe.get("time_limit_minutes"):
+        defaults["max_train_seconds"] = 60 * recipe["time_limit_minutes"]
     settings = {**defaults, **settings}
     try:
         args = LoopArguments.from_training_section(str(Path(output_dir) / "checkpoints"), settings)
     except (ValueError, TypeError) as error:
         raise RecipeError(f"recipe training: {_one_line(error)}") from None
     args.fingerprint = fingerprint
-    average = recipe.get("average_last_checkpoints")
     if average:
-        if not args.save_steps:
-            raise RecipeError("recipe: `average_last_checkpoints` needs checkpoints; set training.save_steps")
+        if args.save_strategy == "no":
+            raise RecipeError(
+                "recipe: `average_last_checkpoints` needs checkpoints; set training.save_strategy (or save_steps)"
+            )
         if args.save_total_limit is not None and args.save_total_limit < average:
             raise RecipeError(
                 f"recipe: `training.save_total_limit` is {args.save_total_limit}, but `average_last_checkpoints: "
