@@ -22,7 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from transformers import set_seed
 

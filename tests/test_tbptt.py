@@ -144,14 +144,17 @@ def test_the_trainer_loader_reads_in_order_and_its_epoch_survives_the_resume_wra
 # --- both engines against a hand-written loop over the stream ----------------------------------------------------
 
 
-def hand_loop(model, tokens, streams, bptt, epochs, lr, random_lengths=False, scale_lr=False, seed=0):
+def hand_loop(model, tokens, streams, bptt, epochs, lr, random_lengths=False, scale_lr=False, seed=0, sgd=False):
     """Truncated BPTT written out: the text as `streams` rows, windows in order, the state of each window the
-    detached final state of the one before, zero at every epoch; AdamW on the mean token loss of each window.
-    Returns the losses of the steps."""
+    detached final state of the one before, zero at every epoch; AdamW (or SGD) on the mean token loss of each
+    window. Returns the losses of the steps."""
     part = len(tokens) // streams
     data = torch.from_numpy(tokens[: part * streams]).view(streams, part)
     view = TokenStream(tokens, bptt, random_lengths, seed).windows(streams)  # only for the window lengths
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if sgd:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     model.train()
     for epoch in range(epochs):
@@ -171,8 +174,11 @@ def hand_loop(model, tokens, streams, bptt, epochs, lr, random_lengths=False, sc
     return losses
 
 
-def run_loop(model, tokens, tmp_path, per_device, accumulation, bptt, epochs, lr, random_lengths=False, scale=False):
+def run_loop(
+    model, tokens, tmp_path, per_device, accumulation, bptt, epochs, lr, random_lengths=False, scale=False, optim=None
+):
     args = LoopArguments(
+        optim=optim or "adamw_torch",
         output_dir=str(tmp_path / "loop"),
         num_train_epochs=epochs,
         per_device_train_batch_size=per_device,
@@ -190,7 +196,7 @@ def run_loop(model, tokens, tmp_path, per_device, accumulation, bptt, epochs, lr
 
 
 def run_trainer(
-    model, tokens, tmp_path, per_device, accumulation, bptt, epochs, lr, random_lengths=False, scale=False
+    model, tokens, tmp_path, per_device, accumulation, bptt, epochs, lr, random_lengths=False, scale=False, optim=None
 ):
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
@@ -201,7 +207,7 @@ def run_trainer(
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         weight_decay=0.0,
-        optim="adamw_torch",
+        optim=optim or "adamw_torch",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -238,6 +244,17 @@ def test_random_windows_with_the_learning_rate_scaled_by_their_length(tmp_path, 
     reference = lm()
     losses = hand_loop(reference, tokens, 4, bptt=8, epochs=2, lr=0.01, random_lengths=True, scale_lr=True)
     model, logged = ENGINES[engine](lm(), tokens, tmp_path, 2, 2, 8, 2, 0.01, random_lengths=True, scale=True)
+    assert logged == pytest.approx(losses, rel=1e-5)
+    assert_same(weights(model), weights(reference), tolerance=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["loop", "trainer"])
+def test_plain_sgd_as_the_classic_rnn_language_models_train(tmp_path, engine):
+    """optim="sgd" (no momentum) with a large learning rate, as Zaremba et al. and PyTorch's word_language_model."""
+    tokens = token_stream(203)
+    reference = lm()
+    losses = hand_loop(reference, tokens, streams=4, bptt=5, epochs=1, lr=1.0, sgd=True)
+    model, logged = ENGINES[engine](lm(), tokens, tmp_path, 2, 2, bptt=5, epochs=1, lr=1.0, optim="sgd")
     assert logged == pytest.approx(losses, rel=1e-5)
     assert_same(weights(model), weights(reference), tolerance=1e-5)
 

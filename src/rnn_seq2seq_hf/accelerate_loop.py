@@ -623,12 +623,13 @@ def train_with_accelerate(
         )
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        )
     if train_loader is not None:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     else:
