@@ -347,6 +347,16 @@ def test_bad_regulariser_values_are_refused(key, value):
         config.check_values()
 
 
+def test_shift_labels_are_the_targets_of_each_position_even_as_a_strided_view():
+    model = make_lm()
+    data = random_tokens(2, 9)
+    inputs, targets = data[:, :8], data[:, 1:]  # a view that is not contiguous
+    logits = model(input_ids=inputs).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss = model(input_ids=inputs, labels=inputs, shift_labels=targets).loss
+    torch.testing.assert_close(loss, expected)
+
+
 def test_shift_labels_of_the_wrong_shape_are_refused():
     model = make_lm()
     ids = random_tokens(2, 6)

@@ -248,7 +248,7 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
                     check_labels(shift_labels, hidden.shape[:2], self.config.vocab_size)
                 except ValueError as error:
                     raise ValueError(str(error).replace("`labels`", "`shift_labels`", 1)) from None
-                kwargs["shift_labels"] = shift_labels
+                kwargs["shift_labels"] = shift_labels.contiguous()  # transformers' loss views it flat
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             alpha = self.config.activation_regularization
             beta = self.config.temporal_activation_regularization
