@@ -443,3 +443,36 @@ def test_two_processes_each_reading_their_streams_train_like_one_process(tmp_pat
     assert_same(saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two"), tolerance=1e-5)
     one, two = (json.loads((tmp_path / name / "log.json").read_text()) for name in ("one", "two"))
     assert len(one) == 6 and two == pytest.approx(one, rel=1e-4)
+
+
+def test_the_example_script_trains_from_a_recipe_and_reports_stateful_perplexity(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    words = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6 + i % 5)) for i in range(300)]
+    (tmp_path / "train.txt").write_text("\n".join(words[:240]) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(words[240:]) + "\n")
+    recipe = {
+        "task": "language_modeling",
+        "tokenizer": {"kind": "word", "vocab_size": None},
+        "model": {"embedding_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "variational_dropout": True},
+        "training": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0},
+        "data": {"stateful": True, "block_size": 6, "random_window_lengths": True, "scale_lr_by_window_length": True},
+        "evaluation": {"batch_size": 3, "block_size": 6},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    command = [
+        sys.executable, str(root / "examples" / "train_lm_tbptt.py"), "--recipe", str(tmp_path / "recipe.yaml"),
+        "--output-dir", str(tmp_path / "run"), "--train", str(tmp_path / "train.txt"),
+        "--validation", str(tmp_path / "valid.txt"), "--set", "training.disable_tqdm=true",
+        "--set", "training.use_cpu=true",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validation_tokens"] > 0 and 1 < metrics["validation_perplexity"] < 60
+    assert len(metrics["evaluations"]) == 1 and (tmp_path / "run" / "model" / "config.json").is_file()
