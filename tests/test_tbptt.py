@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import skip_first_batches
+from accelerate.state import AcceleratorState
 from transformers import TrainingArguments
 
 from helpers import tiny_lm_config
@@ -30,6 +31,15 @@ from rnn_seq2seq_hf.tbptt import (
 from test_accelerate_loop import StopAfter, crash_after
 
 VOCAB = 23
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps its state in a process-wide singleton: a Trainer with bf16=True in an earlier test would make
+    the loop's Accelerator(mixed_precision="no") refuse to start."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def token_stream(length: int, seed: int = 0) -> np.ndarray:
