@@ -9,6 +9,9 @@ Modes:
   resume   a longer loop run with checkpoints every 2 steps, slowed down so the test can kill it (each process
            writes its pid to OUT/pid-RANK); `--crash-in-save N` kills the process with SIGKILL in the middle of
            writing its N-th checkpoint
+  tbptt-loop / tbptt-trainer
+           a language model trained with truncated BPTT (carried state, random windows, the learning rate scaled
+           by the window length) on `--global-batch` streams; rank 0 writes the final weights and losses
 """
 
 import argparse
@@ -54,7 +57,9 @@ def save_weights(model, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["loop", "trainer", "eval", "configs", "resume"])
+    parser.add_argument(
+        "mode", choices=["loop", "trainer", "eval", "configs", "resume", "tbptt-loop", "tbptt-trainer"]
+    )
     parser.add_argument("out")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=1)
@@ -201,6 +206,46 @@ def main() -> None:
         if RANK == 0:
             save_weights(model, out / "weights.safetensors")
             (out / "log.json").write_text(json.dumps(state.log_history))
+
+    elif args.mode.startswith("tbptt"):
+        run_tbptt(args.mode.removeprefix("tbptt-"), out, per_device, args.accumulation, args.steps)
+
+
+def run_tbptt(engine: str, out: Path, per_device: int, accumulation: int, steps: int) -> None:
+    from transformers import TrainingArguments
+
+    from rnn_seq2seq_hf.lm_streams import TokenStream
+    from rnn_seq2seq_hf.tbptt import TBPTTTrainer
+    from test_tbptt import lm, token_stream
+
+    # no dropout: each process draws its own masks, so only a deterministic model can match one process exactly
+    model = lm()
+    stream = TokenStream(token_stream(803), bptt=6, random_window_lengths=True, seed=1)
+    common = dict(
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.01,
+        warmup_steps=1,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    if engine == "loop":
+        loop_args = LoopArguments(output_dir=str(out / "run"), **common)
+        model, state, _ = train_with_accelerate(model, stream, None, loop_args, scale_lr_by_window_length=True)
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    else:
+        training_args = TrainingArguments(
+            output_dir=str(out / "trainer"), report_to="none", use_cpu=True, save_strategy="no", **common
+        )
+        trainer = TBPTTTrainer(model=model, args=training_args, train_stream=stream, scale_lr_by_window_length=True)
+        trainer.train()
+        model = trainer.model
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if RANK == 0:
+        save_weights(model, out / "weights.safetensors")
+        (out / "log.json").write_text(json.dumps(losses))
 
 
 if __name__ == "__main__":

@@ -529,6 +529,7 @@ def test_a_recipe_section_maps_onto_the_loop_and_typos_are_errors(caplog):
         ({"load_best_model_at_end": True}, r"`load_best_model_at_end` needs evaluations"),
         ({"early_stopping_patience": 2}, r"`early_stopping_patience` needs evaluations"),
         ({"bf16": True, "fp16": True}, r"`bf16` and `fp16` are both true"),
+        ({"optim": "adafactor"}, r"`optim` must be one of \['adamw_torch', 'adamw_torch_fused', 'sgd'\]"),
     ],
 )
 def test_bad_training_values_are_refused_before_anything_trains(settings, message):

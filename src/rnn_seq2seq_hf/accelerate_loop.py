@@ -24,6 +24,13 @@ What it guarantees:
 - **No silent divergence.** A non-finite loss or gradient norm, or non-finite weights before a checkpoint, stop
   training with `TrainingDivergedError`; no checkpoint with such weights is written. A loss more than
   `LOSS_EXPLOSION_FACTOR` times the mean of the recent steps is reported with a warning.
+
+Language models can train with stateful truncated BPTT: pass a `lm_streams.TokenStream` as `train_dataset` (and an
+`tbptt.EvaluationStream` as `eval_dataset`). Each process then reads its own streams window after window (no
+shuffling), every micro-batch slot starts from the state its previous window left (detached; zero at the start of
+an epoch), optionally with the learning rate scaled by the window length (`scale_lr_by_window_length`). The carried
+states are part of the checkpoint (`stream_state_<process>.safetensors`), so resume stays exact. One step is one
+window of all streams: N processes x k accumulation steps x b streams train like one process with N * k * b streams.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ from transformers import get_scheduler
 
 from . import checkpointing
 from .checkpointing import CheckpointError, choose_checkpoint, complete_checkpoints
+from .lm_streams import TokenStream
 from .loop_arguments import LoopArguments
 from .losses import count_target_tokens, sequence_loss
+from .tbptt import CarriedState, EvaluationStream, ScaledLearningRate, loss_metrics, split_position, stream_loss
 
 logger = logging.getLogger(__name__)
 
@@ -156,40 +165,69 @@ def evaluate(model, loader, accelerator: Accelerator, tokenizer, args: LoopArgum
 # --- one optimizer step ------------------------------------------------------------------------------------------
 
 
-def _micro_batch_loss(model, batch: dict, causal: bool, args: LoopArguments, global_tokens: torch.Tensor, unwrapped):
+def _target_tokens(batch: dict, causal: bool) -> torch.Tensor:
+    """Target tokens of a micro-batch: its `shift_labels` (truncated BPTT windows) or its labels as the loss counts
+    them."""
+    if "shift_labels" in batch:
+        return (batch["shift_labels"] != -100).sum()
+    return count_target_tokens(batch["labels"], causal)
+
+
+def _micro_batch_loss(
+    model, batch: dict, causal: bool, args: LoopArguments, global_tokens: torch.Tensor, unwrapped, carried=None
+):
     """Loss of one micro-batch: its summed token losses divided by the token count of the global batch.
 
     Without label smoothing this is the model's own loss; with it, `losses.sequence_loss` on the logits (the
-    Seq2Seq decoder inputs then come from `prepare_decoder_input_ids_from_labels`). A recurrent state carried from
-    one step to the next (truncated BPTT) would enter and leave here.
+    Seq2Seq decoder inputs then come from `prepare_decoder_input_ids_from_labels`). With truncated BPTT (`carried`
+    given) the micro-batch starts from the state its slot's previous window left, and leaves its own.
     """
+    inputs, position = dict(batch), None
+    if carried is not None:
+        inputs, position = split_position(batch)
+        inputs["cache"] = carried.cache_for(*position)
+    use_cache = carried is not None
     if not args.label_smoothing_factor:
-        return model(**batch, num_items_in_batch=global_tokens, use_cache=False).loss
-    inputs = dict(batch)
-    labels = inputs.pop("labels")
-    if not causal and "decoder_input_ids" not in inputs:
-        inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels)
-    logits = model(**inputs, use_cache=False).logits
-    return sequence_loss(
-        logits, labels, shift=causal, label_smoothing=args.label_smoothing_factor, num_items_in_batch=global_tokens
-    )
+        outputs = model(**inputs, num_items_in_batch=global_tokens, use_cache=use_cache)
+        loss = outputs.loss
+    else:
+        labels = inputs.pop("labels")
+        targets = inputs.pop("shift_labels", None)  # already shifted (truncated BPTT windows)
+        if not causal and "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels)
+        outputs = model(**inputs, use_cache=use_cache)
+        loss = sequence_loss(
+            outputs.logits,
+            labels if targets is None else targets,
+            shift=causal and targets is None,
+            label_smoothing=args.label_smoothing_factor,
+            num_items_in_batch=global_tokens,
+        )
+    if carried is not None:
+        carried.keep(*position, outputs.cache)
+    return loss
 
 
-def _optimizer_step(model, window, optimizer, scheduler, accelerator, args, causal, state) -> tuple[float, ...]:
+def _optimizer_step(
+    model, window, optimizer, scheduler, accelerator, args, causal, state, carried=None, lr_factor=None
+) -> tuple[float, ...]:
     """Forward and backward over the micro-batches of one global batch, then one optimizer step.
 
     Returns (the global batch's mean token loss, the gradient norm before clipping or NaN if not clipped, the
-    learning rate of this step; the three values Trainer logs). Raises
-    `TrainingDivergedError` before the optimizer step if the loss or the gradient norm is not finite.
+    learning rate of this step (the schedule's, before any `lr_factor`); the three values Trainer logs). Raises
+    `TrainingDivergedError` before the optimizer step if the loss or the gradient norm is not finite. `carried`:
+    the truncated-BPTT states; `lr_factor`: multiplies the learning rate of this step only.
     """
     # The global batch's token count: every micro-batch's loss is divided by it.
-    local = sum(count_target_tokens(batch["labels"], causal) for batch in window)
+    local = sum(_target_tokens(batch, causal) for batch in window)
     global_tokens = accelerator.reduce(local.to(accelerator.device), reduction="sum").clamp(min=1)
     step_loss = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(window):
         last = index == len(window) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = _micro_batch_loss(model, batch, causal, args, global_tokens, accelerator.unwrap_model(model))
+            loss = _micro_batch_loss(
+                model, batch, causal, args, global_tokens, accelerator.unwrap_model(model), carried
+            )
             # DDP averages gradients over processes; undo it so the gradient is the global-batch mean.
             accelerator.backward(loss * accelerator.num_processes)
         step_loss += loss.detach().float() * accelerator.num_processes
@@ -204,7 +242,8 @@ def _optimizer_step(model, window, optimizer, scheduler, accelerator, args, caus
         if not math.isfinite(grad_norm) and accelerator.scaler is None:
             raise _diverged(args, state.step + 1, f"the gradient norm is {grad_norm}")
     learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
+    with ScaledLearningRate(optimizer, lr_factor) if lr_factor is not None else contextlib.nullcontext():
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, learning_rate
@@ -304,7 +343,7 @@ class _Reporter:
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
-def _save(accelerator, args: LoopArguments, state: LoopState, model, optimizer, scheduler) -> Path:
+def _save(accelerator, args: LoopArguments, state: LoopState, model, optimizer, scheduler, carried=None) -> Path:
     _check_weights(model, args, state)
     if state.best_step == state.step:
         state.best_checkpoint = f"checkpoint-{state.step}"
@@ -313,7 +352,16 @@ def _save(accelerator, args: LoopArguments, state: LoopState, model, optimizer, 
         keep = Path(args.output_dir) / state.best_checkpoint
     plain = {"fingerprint": args.fingerprint, "world_size": accelerator.num_processes, "state": asdict(state)}
     return checkpointing.save_checkpoint(
-        accelerator, Path(args.output_dir), state.step, plain, model, optimizer, scheduler, args.save_total_limit, keep
+        accelerator,
+        Path(args.output_dir),
+        state.step,
+        plain,
+        model,
+        optimizer,
+        scheduler,
+        args.save_total_limit,
+        keep,
+        process_tensors=carried.state_tensors() if carried is not None else None,
     )
 
 
@@ -333,8 +381,9 @@ def _on_all_processes(accelerator: Accelerator, action, what: str):
     return result
 
 
-def _resume(accelerator, args: LoopArguments, model, optimizer, scheduler) -> LoopState | None:
-    """Restore the newest usable checkpoint of `args.output_dir`; None if there is none."""
+def _resume(accelerator, args: LoopArguments, model, optimizer, scheduler, carried=None) -> LoopState | None:
+    """Restore the newest usable checkpoint of `args.output_dir` (and the carried truncated-BPTT states into
+    `carried`); None if there is none."""
     output_dir = Path(args.output_dir)
     # The main process verifies the checkpoints (sizes, sha256) and tells the others which one to load.
     chosen = _on_all_processes(
@@ -366,6 +415,13 @@ def _resume(accelerator, args: LoopArguments, model, optimizer, scheduler) -> Lo
             raise CheckpointError(f"{folder / checkpointing.LOOP_STATE}: not a loop state of this version")
         state = LoopState(**plain["state"])
         checkpointing.load_checkpoint(folder, accelerator, model, optimizer, scheduler)
+        if carried is not None:
+            tensors = checkpointing.read_process_tensors(folder, accelerator.process_index)
+            try:
+                carried.load_state_tensors(tensors, accelerator.device)
+            except ValueError as error:
+                name = checkpointing.process_tensor_file(accelerator.process_index)
+                raise CheckpointError(f"{folder / name}: {error}") from None
         return state
 
     state = _on_all_processes(accelerator, load, "loading " + str(folder))
@@ -434,6 +490,16 @@ def _check_evaluation_setup(args: LoopArguments, causal: bool, eval_dataset, tok
         if args.eval_strategy != "no":
             raise ValueError(f"`eval_strategy` is {args.eval_strategy!r} but no `eval_dataset` was given")
         return
+    if isinstance(eval_dataset, EvaluationStream):
+        always = ("eval_loss", "eval_perplexity", "eval_tokens")
+        if not causal:
+            raise ValueError("an `EvaluationStream` evaluates a language model, not a Seq2Seq model")
+        if args.eval_strategy != "no" and args.metric_key not in always:
+            raise ValueError(
+                f"`metric_for_best_model` is {args.metric_for_best_model!r}, but stream evaluations give only "
+                f"{list(always)}"
+            )
+        return
     generates = not causal and compute_metrics is not None
     if generates and tokenizer is None:
         raise ValueError("`compute_metrics` scores generated text: pass the `tokenizer` that decodes it")
@@ -448,6 +514,23 @@ def _check_evaluation_setup(args: LoopArguments, causal: bool, eval_dataset, tok
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 
+def _evaluate_stream(model, evaluation: EvaluationStream, accelerator: Accelerator) -> dict:
+    """Stateful perplexity of a text, each process reading its share of the parts; draws nothing random."""
+    unwrapped = accelerator.unwrap_model(model)
+    nll, count = stream_loss(unwrapped, evaluation, accelerator.process_index, accelerator.num_processes)
+    unwrapped.train()
+    nll, count = accelerator.reduce(nll, reduction="sum"), accelerator.reduce(count, reduction="sum")
+    return loss_metrics(nll, count)
+
+
+def _evaluate_any(model, eval_dataset, eval_loader, accelerator, tokenizer, args, compute_metrics) -> dict:
+    if isinstance(eval_dataset, EvaluationStream):
+        return _evaluate_stream(model, eval_dataset, accelerator)
+    metrics = evaluate(model, eval_loader, accelerator, tokenizer, args, compute_metrics)
+    metrics.pop("example_ids")
+    return metrics
+
+
 def train_with_accelerate(
     model,
     train_dataset,
@@ -457,12 +540,16 @@ def train_with_accelerate(
     tokenizer=None,
     compute_metrics=None,
     accelerator: Accelerator | None = None,
+    scale_lr_by_window_length: bool = False,
 ) -> tuple[torch.nn.Module, LoopState, dict]:
     """Train `model` on `train_dataset` (a map-style dataset of features) and return (unwrapped model, final state,
     final evaluation metrics of the returned model, without `example_ids`; empty without `eval_dataset`).
 
     The model must be built identically on every process (seed before building it). `collator` turns a list of
     features into a batch with `labels`; `compute_metrics(predictions, references) -> dict` scores generated text.
+
+    Truncated BPTT (language models): `train_dataset` a `TokenStream` (`collator` unused), `eval_dataset` an
+    `EvaluationStream`; `scale_lr_by_window_length` scales each step's learning rate by window length / bptt.
 
     Raises:
         TrainingDivergedError: the loss, gradient norm or weights became non-finite.
@@ -492,18 +579,42 @@ def train_with_accelerate(
     set_seed(args.seed)
     causal = not model.config.is_encoder_decoder
     _check_evaluation_setup(args, causal, eval_dataset, tokenizer, compute_metrics)
+    streams = train_dataset if isinstance(train_dataset, TokenStream) else None
+    if streams is None and scale_lr_by_window_length:
+        raise ValueError("`scale_lr_by_window_length` needs truncated BPTT: pass a TokenStream as `train_dataset`")
+    if streams is not None and not causal:
+        raise ValueError("truncated BPTT (a TokenStream as `train_dataset`) trains a language model, not Seq2Seq")
+    regularised = getattr(model.config, "activation_regularization", 0) or getattr(
+        model.config, "temporal_activation_regularization", 0
+    )
+    if args.label_smoothing_factor and regularised:
+        raise ValueError(
+            "`label_smoothing_factor` computes the loss from the logits, without the model's activation "
+            "regularisation (AR/TAR): set one of them to 0"
+        )
 
     # 1. Data, optimizer, schedule. The loaders have their own generators: starting an epoch or an evaluation then
-    #    draws nothing from the global RNG, whose state (dropout masks) checkpoints restore.
-    train_loader = DataLoader(
-        train_dataset,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    #    draws nothing from the global RNG, whose state (dropout masks) checkpoints restore. Truncated BPTT reads
+    #    each process's own streams in order (lm_streams.py), without a loader.
+    train_loader = windows = carried = None
+    if streams is not None:
+        windows = streams.windows(
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        carried = CarriedState()
+    else:
+        train_loader = DataLoader(
+            train_dataset,
+            batch_size=args.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     eval_loader = None
-    if eval_dataset is not None:
+    if eval_dataset is not None and not isinstance(eval_dataset, EvaluationStream):
         eval_dataset = eval_dataset.add_column("example_id", list(range(len(eval_dataset))))
         eval_loader = DataLoader(
             eval_dataset,
@@ -513,18 +624,23 @@ def train_with_accelerate(
         )
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        )
+    if train_loader is not None:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     accelerator.unwrap_model(model).flatten_recurrent_weights()
 
-    batches_per_epoch = len(train_loader)  # per process; the same on every process (even batches)
+    # per process; the same on every process (even batches; truncated BPTT: windows x accumulation steps)
+    batches_per_epoch = len(windows) if windows is not None else len(train_loader)
     if batches_per_epoch == 0:
         raise ValueError("`train_dataset` is empty: no batch to train on")
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
@@ -533,7 +649,7 @@ def train_with_accelerate(
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
 
     # 2. Resume from the newest complete checkpoint, if any.
-    state = _resume(accelerator, args, model, optimizer, scheduler) if args.resume else None
+    state = _resume(accelerator, args, model, optimizer, scheduler, carried) if args.resume else None
     resumed = state is not None
     state = state or LoopState()
     reporter = _Reporter(args, accelerator, total_steps, state, resumed)
@@ -559,15 +675,24 @@ def train_with_accelerate(
     started = time.perf_counter()
     try:
         while state.step < total_steps and not state.stopped_early:
-            train_loader.set_epoch(state.epoch)
-            batches = iter(accelerator.skip_first_batches(train_loader, state.batches_in_epoch))
+            if windows is not None:
+                batches = (
+                    {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    for batch in windows.batches(state.epoch, state.batches_in_epoch)
+                )
+            else:
+                train_loader.set_epoch(state.epoch)
+                batches = iter(accelerator.skip_first_batches(train_loader, state.batches_in_epoch))
             epoch_ended = False
             while state.step < total_steps and not epoch_ended and not state.stopped_early:
                 wanted = min(args.gradient_accumulation_steps, batches_per_epoch - state.batches_in_epoch)
                 window = list(itertools.islice(batches, wanted))
                 if window:
+                    lr_factor = None
+                    if scale_lr_by_window_length:
+                        lr_factor = window[0]["input_ids"].shape[1] / streams.bptt
                     step_loss, grad_norm, learning_rate = _optimizer_step(
-                        model, window, optimizer, scheduler, accelerator, args, causal, state
+                        model, window, optimizer, scheduler, accelerator, args, causal, state, carried, lr_factor
                     )
                     state.step += 1
                     state.batches_in_epoch += len(window)
@@ -587,13 +712,14 @@ def train_with_accelerate(
 
                 if state.step % args.logging_steps == 0 or state.step == total_steps:
                     log_window()
-                evaluate_now = eval_loader is not None and (
+                evaluate_now = eval_dataset is not None and (
                     (args.eval_strategy == "steps" and state.step % args.eval_steps == 0)
                     or (args.eval_strategy == "epoch" and epoch_ended)
                 )
                 if evaluate_now:
-                    metrics = evaluate(model, eval_loader, accelerator, tokenizer, args, compute_metrics)
-                    metrics.pop("example_ids")
+                    metrics = _evaluate_any(
+                        model, eval_dataset, eval_loader, accelerator, tokenizer, args, compute_metrics
+                    )
                     _record_evaluation(metrics, args, state)
                     epoch = state.epoch + state.batches_in_epoch / batches_per_epoch
                     log({"step": state.step, "epoch": round(epoch, 4), **metrics})
@@ -607,7 +733,7 @@ def train_with_accelerate(
                     or (args.load_best_model_at_end and evaluate_now and state.best_step == state.step)
                 )
                 if save_now:
-                    _save(accelerator, args, state, model, optimizer, scheduler)
+                    _save(accelerator, args, state, model, optimizer, scheduler, carried)
         _check_weights(model, args, state)
     finally:
         reporter.close()
@@ -618,13 +744,14 @@ def train_with_accelerate(
     if best_elsewhere and _load_best(accelerator, args, state, model):
         returned_step = state.best_step
     final_metrics = {}
-    if eval_loader is not None:
+    if eval_dataset is not None:
         logged = [e for e in state.log_history if e.get("step") == returned_step and "eval_loss" in e]
         if logged:
             final_metrics = {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
         else:
-            final_metrics = evaluate(model, eval_loader, accelerator, tokenizer, args, compute_metrics)
-            final_metrics.pop("example_ids")
+            final_metrics = _evaluate_any(
+                model, eval_dataset, eval_loader, accelerator, tokenizer, args, compute_metrics
+            )
             state.log_history.append({"step": state.step, **final_metrics})
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model), state, final_metrics

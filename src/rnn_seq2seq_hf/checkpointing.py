@@ -9,6 +9,7 @@ A checkpoint is a folder `checkpoint-<step>/`:
     scaler.json               the gradient scaler's state_dict (fp16 runs only)
     rng_state_<i>.safetensors process i's torch CPU (and CUDA) generator states
     rng_state_<i>.json        process i's python `random` and numpy generator states
+    stream_state_<i>.safetensors  process i's carried recurrent states (truncated-BPTT language models only)
     loop_state.json           where training is (step, epoch, batches consumed, log, logging window, best model, ...)
     manifest.json             format, version, and the size and sha256 of every file above; written last
 
@@ -132,6 +133,11 @@ def rng_files(process_index: int) -> tuple[str, str]:
     return f"rng_state_{process_index}.safetensors", f"rng_state_{process_index}.json"
 
 
+def process_tensor_file(process_index: int) -> str:
+    """The file of process `process_index`'s own tensors (the recurrent states truncated BPTT carries)."""
+    return f"stream_state_{process_index}.safetensors"
+
+
 def write_rng_state(folder: Path, process_index: int) -> None:
     """This process's generator states: torch CPU and CUDA as tensors, python `random` and numpy as JSON."""
     tensor_file, json_file = rng_files(process_index)
@@ -223,12 +229,13 @@ def save_checkpoint(
     scheduler,
     total_limit: int | None = None,
     keep: Path | None = None,
+    process_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` atomically (see the module docstring) on every process; returns its folder.
 
-    `loop_state` is the loop's plain state (JSON values). The RNG states are written by every process, everything
-    else by the main process. Afterwards the oldest complete checkpoints beyond `total_limit` are deleted, never
-    `keep` (the best checkpoint).
+    `loop_state` is the loop's plain state (JSON values). The RNG states and `process_tensors` (this process's own
+    tensors, if given) are written by every process, everything else by the main process. Afterwards the oldest
+    complete checkpoints beyond `total_limit` are deleted, never `keep` (the best checkpoint).
     """
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f".tmp-checkpoint-{step}"
@@ -237,6 +244,8 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_rng_state(temporary, accelerator.process_index)
+    if process_tensors is not None:
+        write_tensor_file(temporary / process_tensor_file(accelerator.process_index), process_tensors)
     if accelerator.is_main_process:
         write_model(temporary / MODEL_FILE, accelerator.unwrap_model(model))
         plain, tensors = optimizer_state(optimizer)
@@ -377,6 +386,15 @@ def load_optimizer(folder: Path, optimizer) -> None:
         raise _fail(folder, OPTIMIZER_STATE, f"does not fit the optimizer ({error})") from None
 
 
+def read_process_tensors(folder: Path, process_index: int) -> dict[str, torch.Tensor]:
+    """This process's own tensors from a checkpoint that `verify_checkpoint` accepted."""
+    name = process_tensor_file(process_index)
+    manifest = read_json(folder, MANIFEST)
+    if name not in (manifest.get("files", {}) if isinstance(manifest, dict) else {}):
+        raise _fail(folder, name, "not listed in the manifest (a checkpoint without carried recurrent states)")
+    return read_tensor_file(folder, name)
+
+
 def load_plain_state(folder: Path, name: str, target) -> None:
     """Restore a scheduler or a gradient scaler from its JSON state_dict."""
     try:
@@ -457,7 +475,9 @@ __all__ = [
     "load_plain_state",
     "load_rng_state",
     "optimizer_state",
+    "process_tensor_file",
     "read_json",
+    "read_process_tensors",
     "rotate_checkpoints",
     "save_checkpoint",
     "verify_checkpoint",

@@ -20,6 +20,9 @@ from transformers import SchedulerType, Seq2SeqTrainingArguments
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("no", "steps", "epoch")
+# Trainer's names of the optimizers the loop implements: AdamW (torch's, fused or not: the same update) and plain SGD
+# (no momentum, as Trainer's "sgd"; the optimizer of the classic RNN language models).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
 REPORTERS = ("none", "all", "tensorboard")
 
 
@@ -44,6 +47,7 @@ class LoopArguments:
     per_device_eval_batch_size: int = 64
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
+    optim: str = "adamw_torch"  # one of OPTIMIZERS
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -84,6 +88,7 @@ class LoopArguments:
         for item in dataclasses.fields(self):
             _check_type(item.name, getattr(self, item.name), hints[item.name])
         _check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("optim", self.optim, OPTIMIZERS)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, [kind.value for kind in SchedulerType])
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _check_at_least(name, getattr(self, name), 1)

@@ -28,7 +28,7 @@ from .input_checks import (
 from .output_layer import OutputLayer
 from .pretrained import RecurrentPreTrainedModel
 from .recurrent import RecurrentStack, weights_share_one_buffer
-from .regularization import Dropout
+from .regularization import Dropout, LockedDropout, activation_regularization, word_dropout
 
 
 class RNNLMPreTrainedModel(RecurrentPreTrainedModel):
@@ -42,13 +42,17 @@ class RNNLMModel(RNNLMPreTrainedModel):
         config.check_values()
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
-        self.embedding_dropout = Dropout(config.embedding_dropout)
+        dropout_class = LockedDropout if config.variational_dropout else Dropout
+        self.embedding_dropout = dropout_class(config.embedding_dropout)
+        self.word_dropout = config.word_dropout
         self.rnn = RecurrentStack(
             config.cell_type,
             config.embedding_size,
             config.hidden_size,
             config.num_hidden_layers,
             dropout=config.hidden_dropout,
+            locked_dropout=config.variational_dropout,
+            weight_dropout=config.weight_dropout,
         )
         self.post_init()
 
@@ -99,6 +103,8 @@ class RNNLMModel(RNNLMPreTrainedModel):
         if input_ids is not None:
             input_ids = check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.word_dropout > 0 and self.training:
+                inputs_embeds = word_dropout(inputs_embeds, input_ids, self.word_dropout, self.config.vocab_size)
         else:
             check_inputs_embeds(inputs_embeds, self.config.embedding_size)
         batch_size, length = inputs_embeds.shape[:2]
@@ -145,7 +151,7 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
     def __init__(self, config: RNNLMConfig):
         super().__init__(config)
         self.model = RNNLMModel(config)
-        self.output_dropout = Dropout(config.output_dropout)
+        self.output_dropout = (LockedDropout if config.variational_dropout else Dropout)(config.output_dropout)
         self.lm_head = OutputLayer(
             config.hidden_size, config.embedding_size, config.vocab_size, tie=config.tie_word_embeddings
         )
@@ -217,10 +223,18 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
                 only the last one).
             num_items_in_batch: (keyword) number of target tokens in the whole accumulated batch, passed by
                 `Trainer`, so the loss is right under gradient accumulation.
+            shift_labels: (keyword) `[B, T]` targets already aligned with the outputs (position t predicts
+                `shift_labels[:, t]`), used instead of shifting `labels`, as transformers' causal LM loss accepts:
+                truncated BPTT windows pass the token after the window's last one, which `labels` cannot hold.
+
+        In training mode with `config.activation_regularization` / `config.temporal_activation_regularization` above
+        0, the loss also holds AR / TAR (`regularization.activation_regularization`) over the positions that have a
+        target.
 
         Returns:
             `CausalLMOutputWithPast` with `loss`, `logits` `[B, T, vocab_size]`, `cache`, `hidden_states`.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         check_extra_kwargs(kwargs, type(self).__name__)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         inputs = input_ids if input_ids is not None else inputs_embeds
@@ -240,7 +254,8 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
         keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
         mask = attention_mask.mask if isinstance(attention_mask, Padding) else None  # None: no padding
         hidden = repeat_last_real_position(outputs.last_hidden_state, mask)[:, keep]
-        logits = self.lm_head(self.output_dropout(hidden))
+        dropped = self.output_dropout(hidden)
+        logits = self.lm_head(dropped)
         if self.input_to_output is not None:
             embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             embeddings = repeat_last_real_position(embeddings, mask)[:, keep]
@@ -251,7 +266,22 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
             if logits_to_keep > 0:
                 raise ValueError("`labels` need logits for every position: leave `logits_to_keep` at 0 to train.")
             check_labels(labels, hidden.shape[:2], self.config.vocab_size)
+            if shift_labels is not None:
+                try:
+                    check_labels(shift_labels, hidden.shape[:2], self.config.vocab_size)
+                except ValueError as error:
+                    raise ValueError(str(error).replace("`labels`", "`shift_labels`", 1)) from None
+                kwargs["shift_labels"] = shift_labels.contiguous()  # transformers' loss views it flat
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            alpha = self.config.activation_regularization
+            beta = self.config.temporal_activation_regularization
+            if (alpha or beta) and self.training:
+                if shift_labels is None:  # position t has a target when labels[:, t + 1] is not ignored
+                    shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+                valid = shift_labels != -100
+                loss = loss + activation_regularization(
+                    dropped, hidden, valid, alpha, beta, kwargs.get("num_items_in_batch")
+                )
 
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

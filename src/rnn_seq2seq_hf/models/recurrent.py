@@ -21,13 +21,23 @@ in training, a unidirectional stack runs over chunks of about sqrt(T) time steps
 backward pass, so the activations kept are those of one chunk plus the states between chunks; a bidirectional stack
 (whose backward direction needs the whole sequence) is checkpointed layer by layer.
 
+Regularisers of recurrent language models (all off by default; each adds work only in training mode, when on):
+- `weight_dropout` (DropConnect on the hidden-to-hidden matrices, AWD-LSTM): each call in training draws one dropped
+  copy of every `weight_hh` (shared by all time steps and sequences) and every path runs on those weights; the fused
+  path then calls torch's functional op over the dropped weights, which is still one cuDNN call on a GPU.
+- `locked_dropout` (variational dropout between layers, Gal & Ghahramani 2016): the dropout between layers uses one
+  mask per sequence and feature for all time steps, drawn once per call; the layers then run one by one (one
+  fused call each), since the fused multi-layer call can only apply fresh masks at every step.
+
 State layout: a tuple `(h,)`, or `(h, c)` for an LSTM, each `[num_layers * num_directions, B, H]` (torch's layout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -36,6 +46,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
 
 from .input_checks import Padding
+from .regularization import drop_weights, locked_dropout_mask
 
 RNNState = tuple[torch.Tensor, ...]
 
@@ -92,6 +103,8 @@ class RecurrentStack(nn.Module):
         num_layers: stacked layers.
         dropout: dropout between layers (training only).
         bidirectional: run a backward direction too; outputs are `[forward; backward]`.
+        locked_dropout: the dropout between layers is variational (one mask per sequence, the same at every step).
+        weight_dropout: DropConnect probability on the hidden-to-hidden matrices (training only).
     """
 
     def __init__(
@@ -102,9 +115,17 @@ class RecurrentStack(nn.Module):
         num_layers: int,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        locked_dropout: bool = False,
+        weight_dropout: float = 0.0,
     ):
         super().__init__()
         self.rnn = build_rnn(cell_type, input_size, hidden_size, num_layers, dropout, bidirectional)
+        self.locked_dropout = locked_dropout
+        self.weight_dropout = weight_dropout
+        # The dropped hidden-to-hidden weights {name: tensor} and the between-layer masks {layer: [B, 1, D * H]} of
+        # the call in progress (training with a regulariser on); None otherwise.
+        self._dropped_weights: dict[str, torch.Tensor] | None = None
+        self._layer_masks: dict[int, torch.Tensor] | None = None
         self.cell_type = cell_type
         self.is_lstm = cell_type == "lstm"
         self.num_layers = num_layers
@@ -160,6 +181,8 @@ class RecurrentStack(nn.Module):
         lengths = None
         if isinstance(mask, Padding):
             mask, lengths = mask
+        if self.training and (self.weight_dropout > 0 or (self.locked_dropout and self._between_layers_p() > 0)):
+            return self._forward_regularised(inputs, state, mask, lengths, output_layers)
         with torch.autocast(device_type=inputs.device.type, enabled=False):
             if mask is not None and inputs.shape[1] == 1:
                 return self._run_one_step(inputs, state, mask, output_layers)
@@ -188,6 +211,68 @@ class RecurrentStack(nn.Module):
         else:
             outputs, *final = function(inputs, hx, *arguments, self.num_directions == 2, True)
         return outputs, tuple(final)
+
+    def _forward_regularised(self, inputs, state, mask, lengths, output_layers) -> RecurrentOutput:
+        """`forward` with this call's dropped weights and between-layer masks drawn first (in this order), then the
+        usual paths, which read them through `layer_weights` and `_between_layers`."""
+        if self.weight_dropout > 0:
+            names = [name for layer in range(self.num_layers) for name in self._weight_names(layer)]
+            self._dropped_weights = {
+                name: drop_weights(getattr(self.rnn, name), self.weight_dropout)
+                for name in names
+                if name.startswith("weight_hh")
+            }
+        if self.locked_dropout and self._between_layers_p() > 0:
+            width = self.num_directions * self.hidden_size
+            probe = inputs.new_empty(inputs.shape[0], 1, width)
+            self._layer_masks = {
+                layer: locked_dropout_mask(probe, self._between_layers_p()) for layer in range(self.num_layers - 1)
+            }
+        # cuDNN copies weights that are not one flat buffer into one, and warns: the dropped weights are fresh
+        # tensors every call, and a single layer's weights (layer by layer) are a slice of the stack's buffer. The
+        # copy is one pass over the weights, small next to the recurrence.
+        quiet = warnings.catch_warnings() if inputs.is_cuda else contextlib.nullcontext()
+        try:
+            with quiet, torch.autocast(device_type=inputs.device.type, enabled=False):
+                if inputs.is_cuda:
+                    warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+                if mask is not None and inputs.shape[1] == 1:
+                    return self._run_one_step(inputs, state, mask, output_layers)
+                if mask is not None and lengths is None:
+                    lengths = mask.sum(dim=1).cpu()  # one host read
+                if mask is None or bool((lengths == inputs.shape[1]).all()):
+                    outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
+                    return RecurrentOutput(outputs, new_state, layers)
+                return self._run_padded(inputs, state, mask, lengths, output_layers)
+        finally:
+            self._dropped_weights = self._layer_masks = None
+
+    def _in_this_call(self, function):
+        """`function` run with this call's dropped weights and between-layer masks, also when gradient
+        checkpointing recomputes it in the backward pass, after the call has ended (`function` itself when there
+        are none)."""
+        dropped, masks = self._dropped_weights, self._layer_masks
+        if dropped is None and masks is None:
+            return function
+
+        def run(*args):
+            outside = self._dropped_weights, self._layer_masks
+            self._dropped_weights, self._layer_masks = dropped, masks
+            try:
+                return function(*args)
+            finally:
+                self._dropped_weights, self._layer_masks = outside
+
+        return run
+
+    def _between_layers_p(self) -> float:
+        return self.rnn.dropout if self.num_layers > 1 else 0.0
+
+    def _between_layers(self, layer: int, outputs: torch.Tensor) -> torch.Tensor:
+        """Dropout on layer `layer`'s outputs `[B, T, D * H]` before the next layer (training only)."""
+        if self._layer_masks is not None:
+            return outputs * self._layer_masks[layer]
+        return nn.functional.dropout(outputs, self.rnn.dropout, training=True)
 
     # --- the paths ------------------------------------------------------------------------------------------------
 
@@ -228,7 +313,7 @@ class RecurrentStack(nn.Module):
         checkpointing = (
             self.gradient_checkpointing and self.training and torch.is_grad_enabled() and inputs.shape[1] > 1
         )
-        if output_layers or (checkpointing and self.num_directions == 2):
+        if output_layers or (checkpointing and self.num_directions == 2) or self._layer_masks is not None:
             return self._run_layer_by_layer(inputs, state, lengths, checkpointing)
         if checkpointing:
             outputs, new_state = self._run_time_chunks(inputs, state, lengths)
@@ -238,6 +323,8 @@ class RecurrentStack(nn.Module):
 
     def _run_fused(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
         """All layers in one call of the torch module (one cuDNN call on a GPU)."""
+        if self._dropped_weights is not None:
+            return self._run_fused_over_weights(inputs, state, lengths)
         steps = inputs.shape[1]
         if lengths is not None:
             # pack_padded_sequence refuses empty rows: run them on one (ignored) step; the caller restores them.
@@ -246,6 +333,28 @@ class RecurrentStack(nn.Module):
         if lengths is not None:
             outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=steps)
         return outputs, (tuple(final) if self.is_lstm else (final,))
+
+    def _run_fused_over_weights(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
+        """All layers in one call of torch's functional op (what `nn.LSTM.forward` calls) over `layer_weights`,
+        which hold this call's dropped hidden-to-hidden matrices: still one cuDNN call on a GPU."""
+        weights = [weight for layer in range(self.num_layers) for weight in self.layer_weights(layer)]
+        hx = list(state) if self.is_lstm else state[0]
+        common = (self.rnn.bias, self.num_layers, float(self.rnn.dropout), self.training, self.num_directions == 2)
+        function = self._vf_function()
+        if lengths is None:
+            output, *final = function(inputs, hx, weights, *common, True)
+            return output, tuple(final)
+        steps = inputs.shape[1]
+        packed = pack_padded_sequence(inputs, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
+        hx = (
+            [t.index_select(1, packed.sorted_indices) for t in hx]
+            if self.is_lstm
+            else hx.index_select(1, packed.sorted_indices)
+        )
+        data, *final = function(packed.data, packed.batch_sizes, hx, weights, *common)
+        final = tuple(t.index_select(1, packed.unsorted_indices) for t in final)
+        output, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=steps)
+        return output, final
 
     def _run_time_chunks(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
         """Gradient checkpointing over chunks of about sqrt(T) steps (unidirectional stacks only)."""
@@ -256,7 +365,7 @@ class RecurrentStack(nn.Module):
             piece = inputs[:, start : start + chunk]
             piece_lengths = None if lengths is None else (lengths - start).clamp(0, piece.shape[1])
             piece_out, *flat_state = self._gradient_checkpointing_func(
-                self._checkpointed_chunk, piece, piece_lengths, *state
+                self._in_this_call(self._checkpointed_chunk), piece, piece_lengths, *state
             )
             if piece_lengths is not None and not bool((piece_lengths > 0).all()):
                 # rows whose real tokens ended before this chunk keep their state
@@ -286,7 +395,7 @@ class RecurrentStack(nn.Module):
             layer_state = tuple(tensor[rows] for tensor in state)
             if checkpointing:
                 output, *layer_final = self._gradient_checkpointing_func(
-                    self._checkpointed_layer, layer, layer_input, lengths, *layer_state
+                    self._in_this_call(self._checkpointed_layer), layer, layer_input, lengths, *layer_state
                 )
             else:
                 output, *layer_final = self._checkpointed_layer(layer, layer_input, lengths, *layer_state)
@@ -295,7 +404,7 @@ class RecurrentStack(nn.Module):
             layer_outputs.append(output)
             layer_input = output
             if layer < self.num_layers - 1 and self.rnn.dropout > 0 and self.training:
-                layer_input = nn.functional.dropout(output, self.rnn.dropout, training=True)
+                layer_input = self._between_layers(layer, output)
         new_state = tuple(torch.cat(tensors, dim=0) for tensors in final)
         return layer_outputs[-1], new_state, tuple(layer_outputs)
 
@@ -348,24 +457,27 @@ class RecurrentStack(nn.Module):
                     collected.append(tensor)
             layer_input = torch.cat(direction_outputs, dim=-1)
             if layer < self.num_layers - 1 and self.rnn.dropout > 0 and self.training:
-                layer_input = nn.functional.dropout(layer_input, self.rnn.dropout, training=True)
+                layer_input = self._between_layers(layer, layer_input)
         return RecurrentOutput(layer_input, tuple(torch.cat(tensors, dim=0) for tensors in final), None)
 
     # --- weights --------------------------------------------------------------------------------------------------
 
     def layer_weights(self, layer: int) -> list[torch.Tensor]:
         """The weights of one layer in the order torch's functional RNN ops expect (direction by direction:
-        weight_ih, weight_hh, and the biases)."""
+        weight_ih, weight_hh, and the biases). During a call with weight dropout, the dropped `weight_hh`."""
+        names = self._weight_names(layer)
+        if self._dropped_weights is not None:
+            return [self._dropped_weights.get(name, getattr(self.rnn, name)) for name in names]
+        return [getattr(self.rnn, name) for name in names]
+
+    def _weight_names(self, layer: int) -> list[str]:
         suffixes = [""] + (["_reverse"] if self.num_directions == 2 else [])
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.rnn.bias else [])
-        return [getattr(self.rnn, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
+        return [f"{name}_l{layer}{suffix}" for suffix in suffixes for name in names]
 
     def _vf_function(self):
         """torch's functional op for the cell type (what `nn.LSTM.forward` itself calls)."""
-        return VF_FUNCTIONS[self.cell_type]
-
-
-VF_FUNCTIONS = {"lstm": _VF.lstm, "gru": _VF.gru, "rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu}
+        return getattr(_VF, self.cell_type)  # the cell types are the names of torch's ops: lstm, gru, rnn_tanh...
 
 
 def weights_share_one_buffer(rnn: nn.RNNBase) -> bool:
