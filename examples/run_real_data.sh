@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train and evaluate the CPU presets on the data in ../shared/data, one after the other, and keep what each run
 # reports (metrics.json, loss.png, attention.png, samples, test translations, the model card) in results/.
+# Time the language models on a quiet machine (nothing else running on the 2 cores): ptb_word_cpu is sized for 60
+# minutes and shakespeare_char_cpu for 30 (both train with stateful truncated BPTT, `data.stateful: true`); the
+# load average at the start of each job goes into $RUNS/timings.txt with the wall time.
 #   bash examples/run_real_data.sh [multi30k_de_en multi30k_en_de ptb shakespeare]
 # multi30k_de_en_gpu and multi30k_en_de_gpu run the full-size GPU presets (benchmarks/gpu_checks.sh does).
 set -euo pipefail
@@ -19,7 +22,9 @@ keep() {  # copy the small outputs of run $1 into $RESULTS/$1
   cp "$RUNS/$1/model/README.md" "$RESULTS/$1/model_card.md"
 }
 
+mkdir -p "$RUNS"
 for job in "${jobs[@]}"; do
+  echo "$job: start $(date -Is), load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores" | tee -a "$RUNS/timings.txt"
   start=$(date +%s)
   case $job in
     multi30k_de_en|multi30k_en_de|multi30k_de_en_gpu|multi30k_en_de_gpu)

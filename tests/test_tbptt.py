@@ -377,6 +377,19 @@ def test_trainer_refuses_label_smoothing_and_datasets(tmp_path):
         TBPTTTrainer(model=lm(), args=args, train_stream=stream, train_dataset=[1, 2])
 
 
+def test_the_entry_point_passes_trainer_callbacks_such_as_early_stopping(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    streams = {"train": token_stream(2000), "validation": token_stream(300, seed=5)}
+    training = dict(
+        num_train_epochs=20, per_device_train_batch_size=4, learning_rate=0.0, use_cpu=True, disable_tqdm=True
+    )  # a learning rate of 0: validation never improves, so patience 2 stops after 3 epochs
+    _, args, log = fit_language_model_tbptt(
+        lm(), None, streams, training, tmp_path, TBPTTSettings(bptt=10), callbacks=[EarlyStoppingCallback(2)]
+    )
+    assert args.load_best_model_at_end and len([entry for entry in log if "eval_loss" in entry]) == 3
+
+
 @pytest.mark.parametrize("engine", ["trainer", "accelerate"])
 def test_the_entry_point_trains_evaluates_each_epoch_and_learns(tmp_path, engine):
     tokens = token_stream(3000)

@@ -353,6 +353,7 @@ def fit_language_model_tbptt(
     evaluation_block_size: int | None = None,
     fingerprint: str | None = None,
     report_to: list[str] | None = None,
+    callbacks: list | None = None,
 ):
     """Train an RNN LM with stateful truncated BPTT; returns (model, the engine's arguments, log history).
 
@@ -367,6 +368,7 @@ def fit_language_model_tbptt(
         evaluation_batch_size, evaluation_block_size: how validation is read (default block: the window length).
         fingerprint: the run's fingerprint (Accelerate engine: a checkpoint of another run is never resumed).
         report_to: Trainer's `report_to` default (the recipe's value wins).
+        callbacks: `TrainerCallback`s for Trainer (e.g. early stopping, a stop on a non-finite loss).
     """
     if engine not in ("trainer", "accelerate"):
         raise ValueError(f"`engine` must be 'trainer' or 'accelerate', got {engine!r}")
@@ -413,6 +415,7 @@ def fit_language_model_tbptt(
         eval_stream=eval_stream if args.eval_strategy != "no" else None,
         scale_lr_by_window_length=settings.scale_lr_by_window_length,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.train()
     return trainer.model, args, trainer.state.log_history
