@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import rnn_seq2seq_hf.run_folder as run_folder
 import rnn_seq2seq_hf.training as training
@@ -368,3 +368,19 @@ def test_a_time_limit_ends_training_with_its_evaluation_and_best_checkpoint(data
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["optimizer_steps"] < 100  # stopped long before max_steps
     assert "time limit of" in (tmp_path / "out" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("engine", ["trainer", "accelerate"])
+def test_train_lm_with_stateful_windows_runs_truncated_bptt(data, tmp_path, monkeypatch, engine):
+    """`data.stateful: true`: train-lm trains through tbptt.py (state carried across windows), on both engines."""
+    import rnn_seq2seq_hf.tbptt as tbptt
+
+    calls = []
+    real = tbptt.fit_language_model_tbptt
+    monkeypatch.setattr(tbptt, "fit_language_model_tbptt", lambda *a, **k: calls.append(k["engine"]) or real(*a, **k))
+    (data / "lm.yaml").write_text(LM_RECIPE.replace("data: {block_size: 8}", "data: {block_size: 8, stateful: true}"))
+    assert main(lm_args(data, tmp_path / "out", "--engine", engine)) == 0
+    assert calls == [engine]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["validation_perplexity"] > 1 and metrics["optimizer_steps"] == 4
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").config.cell_type == "gru"

@@ -275,7 +275,13 @@ DATA_KEYS = {
         "validation_pairs": (int, at_least(1)),
         "test_pairs": (int, at_least(1)),
     },
-    "language_modeling": {"block_size": (int, at_least(1))},
+    "language_modeling": {
+        "block_size": (int, at_least(1)),
+        # truncated BPTT with the state carried across windows (tbptt.py); else independent blocks
+        "stateful": (bool, None),
+        "random_window_lengths": (bool, None),
+        "scale_lr_by_window_length": (bool, None),
+    },
 }
 EVALUATION_KEYS = {"batch_size": (int, at_least(1)), "block_size": (int, at_least(1))}
 SAMPLE_KEYS = {

@@ -839,6 +839,40 @@ def _write_metrics(output_dir: Path, metrics: dict) -> None:
     write_file_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
 
 
+def _fit_language_model_tbptt(start: Start, recipe, run, fingerprint, streams, engine) -> Fitted:
+    """Train with stateful truncated BPTT (tbptt.py): the job's defaults and callbacks as for block training."""
+    from .tbptt import TBPTTSettings, fit_language_model_tbptt
+
+    evaluation = recipe.get("evaluation") or {}
+    training = dict(recipe.get("training") or {})
+    callbacks = [LossWatch()]
+    if recipe.get("early_stopping_patience"):
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe["early_stopping_patience"]))
+    if recipe.get("time_limit_minutes"):
+        callbacks.append(TimeLimit(60 * recipe["time_limit_minutes"]))
+        if engine == "accelerate":
+            training["max_train_seconds"] = 60 * recipe["time_limit_minutes"]
+    if engine == "accelerate" and run.overwrite:
+        training["resume"] = False
+    model, args, log_history = fit_language_model_tbptt(
+        start.model,
+        start.tokenizer,
+        {split: stream for split, stream in streams.items() if split != "test"},
+        training,
+        run.folder,
+        TBPTTSettings.from_data_section(recipe["data"]),
+        engine=engine,
+        evaluation_batch_size=evaluation.get("batch_size", 10),
+        evaluation_block_size=evaluation.get("block_size"),
+        fingerprint=fingerprint,
+        report_to=default_report_to(),
+        callbacks=callbacks if engine == "trainer" else None,
+    )
+    steps = max((entry.get("step", 0) for entry in log_history), default=0)
+    epochs = max((entry.get("epoch", 0) for entry in log_history), default=0.0)
+    return Fitted(model, args, log_history, steps, epochs)
+
+
 def train_language_model(
     recipe: dict,
     output_dir: str | Path,
@@ -893,9 +927,12 @@ def train_language_model(
         train_blocks = lm_blocks(streams["train"], block_size)
         validation_blocks = lm_blocks(streams["validation"], block_size)
 
-        # 4. Train.
+        # 4. Train: truncated BPTT over the stream with the state carried across windows (`data.stateful`), or
+        # independent blocks.
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        if engine == "accelerate":
+        if recipe["data"].get("stateful"):
+            fitted = _fit_language_model_tbptt(start, recipe, run, fingerprint, streams, engine)
+        elif engine == "accelerate":
             fitted = _fit_with_accelerate(
                 start, recipe, collator, run, fingerprint, train_blocks, validation_blocks, None
             )
