@@ -27,7 +27,7 @@ from .input_checks import (
 )
 from .output_layer import OutputLayer
 from .pretrained import RecurrentPreTrainedModel
-from .recurrent import RecurrentStack, weights_share_one_buffer
+from .recurrent import RecurrentStack
 from .regularization import Dropout, LockedDropout, activation_regularization, word_dropout
 
 
@@ -186,8 +186,7 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
         """`generate()`'s one-token step (see generation_rnn.py): `step(tokens [N, 1], state, feed) -> (logits
         [N, 1, vocab] float32, state, None)`, the computation of `forward` for one new token that is not padding."""
         model, rnn = self.model, self.model.rnn
-        if rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(rnn.rnn):
-            rnn.rnn.flatten_parameters()
+        rnn.reflatten_if_split()
 
         def step(tokens: torch.Tensor, state: tuple, feed: None):
             raw = model.embed_tokens(tokens)  # [N, 1, E]

@@ -50,7 +50,7 @@ from .input_checks import (
 from .output_layer import OutputLayer
 from .pipeline_seq2seq import Seq2SeqGenerationPipeline  # noqa: F401  (imported so its file travels with checkpoints)
 from .pretrained import RecurrentPreTrainedModel
-from .recurrent import RecurrentStack, RNNState, state_to_batch_first, weights_share_one_buffer
+from .recurrent import RecurrentStack, RNNState, state_to_batch_first
 from .regularization import Dropout
 
 LUONG_ATTENTION = ("dot", "general", "concat")
@@ -322,6 +322,7 @@ class RNNDecoder(nn.Module):
         state = cache.get_state()
         input_feed = cache.extras.get("input_feed")
         steps = embeddings.shape[1]
+        self.rnn.reflatten_if_split()  # once for all steps (`step` does not check)
         if isinstance(mask, Padding):
             mask = mask.mask
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and steps > 1
@@ -664,8 +665,7 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         source_padding = check_padding(model_kwargs.get("attention_mask"), *memory.shape[:2])
         padding = padding_mask(None if source_padding is None else source_padding.mask)  # None without padding
         keys = decoder.attention_keys(memory, model_kwargs["cache"])
-        if decoder.rnn.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(decoder.rnn.rnn):
-            decoder.rnn.rnn.flatten_parameters()
+        decoder.rnn.reflatten_if_split()
 
         def step(tokens: torch.Tensor, state: tuple, feed: torch.Tensor | None):
             embedding = decoder.embedding_dropout(decoder.embed_tokens(tokens))  # [N, 1, E]

@@ -174,10 +174,7 @@ class RecurrentStack(nn.Module):
             state = self.zero_state(inputs.shape[0], inputs.device, dtype)
         elif any(tensor.dtype != dtype for tensor in state):
             state = tuple(tensor.to(dtype) for tensor in state)
-        if inputs.is_cuda and not weights_share_one_buffer(self.rnn):
-            # Something outside the model (a device move by other code, `param.data = ...`) left the weights in
-            # separate buffers; cuDNN would then copy them into one on every call (and warn). Re-flatten once.
-            self.rnn.flatten_parameters()
+        self.reflatten_if_split()
         lengths = None
         if isinstance(mask, Padding):
             mask, lengths = mask
@@ -195,10 +192,17 @@ class RecurrentStack(nn.Module):
                 return RecurrentOutput(outputs, new_state, layers)
             return self._run_padded(inputs, state, mask, lengths, output_layers)
 
+    def reflatten_if_split(self) -> None:
+        """On a GPU: put the weights back into one buffer if something outside the model (a device move by other
+        code, `param.data = ...`) split them; cuDNN would otherwise copy them into one on every call (and warn).
+        `forward` does it on every call; callers of `step` do it once before their loop."""
+        if self.rnn.weight_ih_l0.is_cuda and not weights_share_one_buffer(self.rnn):
+            self.rnn.flatten_parameters()
+
     def step(self, inputs: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
         """The decoding path: `inputs` `[B, T, input_size]` without padding from `state`, in one fused call of
-        torch's functional op, with none of `forward`'s checks (decoding loops feed tensors they made themselves).
-        Gives exactly `forward(inputs, state)[:2]`."""
+        torch's functional op, with none of `forward`'s checks (decoding loops feed tensors they made themselves;
+        they call `reflatten_if_split` once first). Gives exactly `forward(inputs, state)[:2]`."""
         dtype = self.rnn.weight_ih_l0.dtype
         if inputs.dtype != dtype:
             inputs = inputs.to(dtype)
@@ -414,6 +418,13 @@ class RecurrentStack(nn.Module):
         hx = list(state) if self.is_lstm else state[0]
         common = (self.rnn.bias, 1, 0.0, self.training, self.num_directions == 2)
         function = self._vf_function()
+        with warnings.catch_warnings():
+            # One layer's weights are a slice of the stack's cuDNN buffer: cuDNN copies them into a buffer of their
+            # own (one pass over the weights) and warns about it; expected on this path.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            return self._run_layer(function, weights, hx, common, inputs, lengths)
+
+    def _run_layer(self, function, weights, hx, common, inputs, lengths):
         if lengths is None:
             output, *final = function(inputs, hx, weights, *common, True)
             return (output, *final)
