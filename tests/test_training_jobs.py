@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 import rnn_seq2seq_hf.run_folder as run_folder
 import rnn_seq2seq_hf.training as training
 from rnn_seq2seq_hf.cli import main
-from rnn_seq2seq_hf.model_card import tokenizer_description
+from rnn_seq2seq_hf.model_card import python_string_literal, tokenizer_description
 from rnn_seq2seq_hf.recipes import load_recipe
 from rnn_seq2seq_hf.run_folder import LOCK_FILE
 from rnn_seq2seq_hf.tokenization import train_tokenizer
@@ -305,6 +305,25 @@ def test_the_model_card_tells_the_truth_about_the_run(data, finished):
     for path in [finished / "metrics.json", finished / "recipe.yaml", *(finished / "model").iterdir()]:
         if path.suffix in (".md", ".json", ".yaml", ".txt"):
             assert str(data) not in path.read_text() and str(finished) not in path.read_text(), path
+
+
+@pytest.mark.parametrize(
+    "text", ["ein hund", "it's", 'say "hi"', "both ' and \"", "back\\' slash", "\n\t\x00 ü €", NASTY, ""]
+)
+def test_card_literals_read_back_and_use_the_quotes_formatters_keep(text):
+    # repr() writes 'ein hund': ruff/black rewrite it to "ein hund", and a saved card then fails `ruff format --check`
+    literal = python_string_literal(text)
+    assert ast.literal_eval(literal) == text
+    assert literal.startswith('"') or ('"' in text and "'" not in text)
+
+
+def test_the_card_python_is_already_formatted(finished):
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    card = finished / "model" / "README.md"
+    result = subprocess.run([ruff, "format", "--check", "--no-cache", str(card)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_lm_cards_describe_the_tokenizer_they_have():

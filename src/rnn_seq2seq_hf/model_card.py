@@ -142,6 +142,22 @@ def tokenizer_description(
     return "; ".join(parts) + "."
 
 
+def python_string_literal(text: str) -> str:
+    """A Python string literal for ``text``, whatever it holds, in the quotes a formatter keeps.
+
+    ``repr`` picks single quotes, which ruff and black rewrite to double quotes: the card's code block would then
+    fail a ``ruff format --check`` of the repository it is saved in. Double quotes unless the text holds ``"`` and
+    no ``'`` (then single quotes need no escape), as the formatters do.
+    """
+    literal = repr(text)
+    if '"' in text and "'" not in text:
+        return literal
+    body = literal[1:-1]
+    if literal[0] == "'":  # repr escaped the single quotes and left the double quotes bare
+        body = body.replace("\\'", "'").replace('"', '\\"')
+    return f'"{body}"'
+
+
 def shell_usage(is_seq2seq: bool, repo_id: str, example: str) -> str:
     """The command-line usage line, with the example quoted for a POSIX shell (it is dataset text)."""
     if is_seq2seq:
@@ -197,7 +213,7 @@ def build_card(model, tokenizer, info: CardInfo) -> ModelCard:
         examples=[tuple(cell.replace("|", "\\|") for cell in row) for row in info.examples],
         samples=info.samples,
         repo_id=info.repo_id,
-        usage_literal=repr(info.usage_example),  # a Python string literal, whatever the text holds
+        usage_literal=python_string_literal(info.usage_example),
         shell_usage=shell_usage(is_seq2seq, info.repo_id, info.usage_example),
         install_command=INSTALL_COMMAND,
         intended_use=info.intended_use,
