@@ -372,6 +372,12 @@ def test_trainer_refuses_label_smoothing_and_datasets(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         TBPTTTrainer(model=lm(), args=args, train_stream=stream)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=1,
+        dataloader_persistent_workers=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="dataloader_persistent_workers"):
+        TBPTTTrainer(model=lm(), args=args, train_stream=stream)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="do not pass `train_dataset`"):
         TBPTTTrainer(model=lm(), args=args, train_stream=stream, train_dataset=[1, 2])

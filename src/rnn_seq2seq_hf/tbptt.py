@@ -246,6 +246,11 @@ class TBPTTTrainer(Trainer):
                 "`label_smoothing_factor` is not supported with truncated BPTT in Trainer (its label smoother would "
                 "shift the already shifted targets); use the Accelerate engine, or 0"
             )
+        if args is not None and args.dataloader_persistent_workers:
+            raise ValueError(
+                "`dataloader_persistent_workers` would keep the first epoch's windows in the workers; truncated BPTT "
+                "reads its windows in the main process (set it to False)"
+            )
         for name in ("train_dataset", "eval_dataset", "data_collator"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"TBPTTTrainer reads `train_stream` / `eval_stream`; do not pass `{name}`")
@@ -269,7 +274,8 @@ class TBPTTTrainer(Trainer):
             self.add_callback(_WindowLengthLearningRate(self))
 
     def get_train_dataloader(self) -> StreamDataLoader:
-        # Each process reads only its own streams, in order: no sampler, no sharding by accelerate.
+        # Each process reads only its own streams, in order: no sampler, no sharding by accelerate, no workers (a
+        # micro-batch is a slice of a tensor already in memory).
         return StreamDataLoader(self.windows, pin_memory=self.args.dataloader_pin_memory)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
