@@ -216,6 +216,27 @@ def test_translate_streams_each_line_before_the_input_ends(model_dir):
         process.wait()
 
 
+def test_a_reader_that_goes_away_stops_translate_quietly(model_dir):
+    """`rnn-seq2seq translate ... | head -1`: before, a BrokenPipeError line and "Exception ignored" on stderr."""
+    process = subprocess.Popen(
+        [*console_command(), "translate", "--model", model_dir],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        process.stdin.write(b"a b c\n")
+        process.stdin.flush()
+        assert read_line(process.stdout, 300)  # the first translation came out; now the reader leaves
+        process.stdout.close()
+        process.stdin.write(b"d e\n" * 5000)  # more lines than any pipe buffer holds translated
+        process.stdin.close()
+        assert process.wait(timeout=300) == 141
+        stderr = process.stderr.read().decode()  # the progress bar only (long piped input gets one)
+        assert not re.search("error|exception|traceback", stderr, re.IGNORECASE), stderr
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_translate_at_a_terminal_answers_each_line(model_dir):
     import pty
 

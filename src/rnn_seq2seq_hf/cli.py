@@ -822,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
                 if hint:
                     print(hint, file=sys.stderr)
             args.func(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`rnn-seq2seq translate ... | head`): stop quietly, as `yes | head` does,
+        # and point stdout at /dev/null so that the interpreter's final flush does not report the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command that a closed pipe stopped
     except (UsageError, ValueError, OSError, KeyError) as error:
         if os.environ.get("RNN_SEQ2SEQ_DEBUG"):
             raise
