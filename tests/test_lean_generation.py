@@ -209,3 +209,82 @@ def test_the_static_buffers_of_the_cuda_graph_step_give_the_eager_results(monkey
     )
     graphed = model.generate(**inputs, **settings)
     assert_same_generation(graphed, eager)
+
+
+# --- host reads in the decoding step -------------------------------------------------------------------------------
+
+
+class HostReads:
+    """Counts the reads of tensor values by the host while active: calls of the Python methods that read them
+    (`item`, `tolist`, `bool(t)`, `int(t)`, `.cpu()`, ...) and, with the profiler, every `aten::_local_scalar_dense`
+    (what `item()` and `bool()` run underneath). On a GPU each is a synchronisation that stalls the launch queue."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+    def __init__(self):
+        self.calls = 0
+        self.scalar_reads = 0
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(method))
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        return self
+
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
+            self.calls += 1
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        self._profiler.__exit__(*exc)
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        self.scalar_reads = sum(event.name == "aten::_local_scalar_dense" for event in self._profiler.events())
+
+
+def host_reads_per_step(model, inputs, forced, steps_short=4, steps_long=10, **kwargs):
+    """(reads of the whole call at steps_long - at steps_short) / the extra steps: what one more step reads.
+    `forced`: min_new_tokens = max_new_tokens, so that no sequence can end before the last step."""
+    counts = []
+    for steps in (steps_short, steps_long):
+        torch.manual_seed(0)
+        with HostReads() as reads:
+            out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps if forced else 0, **kwargs)
+        assert out.shape[1] - (0 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]) >= steps
+        counts.append((reads.calls, reads.scalar_reads))
+    extra = steps_long - steps_short
+    return tuple((long - short) / extra for short, long in zip(*counts))
+
+
+DECODING = {"greedy": {}, "sampling": {"do_sample": True, "top_k": 5}, "beam 3": {"num_beams": 3}}
+
+
+@pytest.mark.parametrize("family", ["lm", "seq2seq"])
+@pytest.mark.parametrize("decoding", list(DECODING))
+def test_a_decoding_step_reads_no_tensor_values(family, decoding):
+    """Issue 12: validation runs once per call on the whole input, never per one-token step. While no sequence can
+    end (min_new_tokens bans EOS) a step reads nothing; where one can, the loop reads one value per step to stop when
+    all have ended (transformers' loops read one too), and nothing else."""
+    model = make_lm() if family == "lm" else make_seq2seq()
+    tokens, mask = right_padded(SOURCES) if family == "seq2seq" else left_padded(PROMPTS)
+    inputs = {"input_ids": tokens, "attention_mask": mask}
+    with torch.no_grad():  # EOS never wins, so that every call runs to max_new_tokens
+        model.lm_head.linear.bias[model.config.eos_token_id] -= 1.0e4
+    # torch.multinomial checks its probabilities with host reads on a CPU (not on CUDA): the sampler's own, which
+    # transformers' loop and any sampler have too
+    sampler = 0
+    if decoding == "sampling":
+        with HostReads() as reads:
+            torch.multinomial(torch.softmax(torch.randn(3, 30), dim=-1), num_samples=1)
+        sampler = reads.scalar_reads
+    assert host_reads_per_step(model, inputs, forced=True, **DECODING[decoding]) == (0.0, sampler)
+    free = host_reads_per_step(model, inputs, forced=False, **DECODING[decoding])
+    assert free[0] <= 1.0 and free[1] <= 1.0 + sampler
+    model.lean_generation = False  # transformers' own loop, for comparison: it reads at least as much
+    reference = host_reads_per_step(model, inputs, forced=False, **DECODING[decoding])
+    assert reference[1] >= free[1]

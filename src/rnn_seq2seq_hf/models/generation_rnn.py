@@ -391,6 +391,7 @@ class LeanProcessors:
             else:
                 self.others.append(processor)
         self.eos_mask = None
+        self._bans = {}  # id of a stopping EOS tensor -> whether the minimum length bans all its ids
         self.need_sequences = bool(self.others)
         self.only_min_length = self.min_length > 0 and not self.others
         if self.min_length:
@@ -407,9 +408,10 @@ class LeanProcessors:
         from minus infinity)."""
         if length >= self.min_length:
             return False
-        if not hasattr(self, "_banned"):
-            self._banned = set(self._eos_ids.tolist())
-        return set(eos.tolist()) <= self._banned and 0 not in self._banned  # (an all -inf row's argmax is 0)
+        if id(eos) not in self._bans:  # read the ids once per call: on a GPU every read is a synchronisation
+            banned = set(self._eos_ids.tolist())
+            self._bans[id(eos)] = set(eos.tolist()) <= banned and 0 not in banned  # (an all -inf row's argmax is 0)
+        return self._bans[id(eos)]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, length: int) -> torch.Tensor:
         if length < self.min_length:
