@@ -14,7 +14,9 @@ one host-side dispatch, so the count is what a launch-bound step costs. `non_vie
 only make a view (`VIEW_OPS`: no kernel on a GPU); `aten::reshape` and `aten::flatten` are counted as views, which
 they are on the contiguous tensors of these models. The count is deterministic: the same call
 gives the same number every time. `aten::_local_scalar_dense` events (at any depth) are reads of a tensor value by
-the host (`.item()`, `bool(tensor)`, `int(tensor)`): on a GPU each one is a synchronisation.
+the host (`.item()`, `bool(tensor)`, `int(tensor)`): on a GPU each one is a synchronisation. Calls of
+`Tensor.tolist`, `Tensor.numpy` and `Tensor.cpu` read values without that op (a device-to-host copy on a GPU), so
+they are counted as host reads too, by wrapping those methods while the call runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import rnn_seq2seq_hf
 from rnn_seq2seq_hf import RNNSeq2SeqConfig
 
 SYNC_OP = "aten::_local_scalar_dense"
+COPYING_READS = ("tolist", "numpy", "cpu")  # host reads that do not go through SYNC_OP
 # Ops that only make a new view of existing memory (no kernel on a GPU, only host-side dispatch). Reported
 # separately, since a launch-bound GPU step pays mostly for the others.
 VIEW_OPS = frozenset(
@@ -173,10 +176,26 @@ def count_ops(fn: Callable[[], object]) -> OpCount:
     """Profile one call of `fn` and count its top-level `aten::` ops (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+    copies = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in COPYING_READS}
+
+    def counting(method):
+        def counted(tensor, *args, **kwargs):
+            copies[0] += 1
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+    try:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, counting(method))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
     names: collections.Counter[str] = collections.Counter()
-    syncs = 0
+    syncs = copies[0]
     for event in prof.events():
         if event.name == SYNC_OP:
             syncs += 1

@@ -53,6 +53,10 @@ def test_count_ops_counts_only_top_level_aten_ops_and_host_reads():
     assert count.by_name == {"aten::linear": 1, "aten::tanh": 1, "aten::sum": 1, "aten::gt": 1, "aten::is_nonzero": 1}
     assert count.ops == 5 and count.syncs == 1
     assert bench_common.count_ops(fn).ops == 5  # deterministic
+    # reads that copy values to the host without aten::_local_scalar_dense count too
+    original = torch.Tensor.tolist
+    reads = bench_common.count_ops(lambda: (x.tolist(), x.cpu(), x.numpy()))
+    assert reads.syncs == 3 and torch.Tensor.tolist is original  # the methods are restored
 
 
 def test_count_ops_sees_backward_and_optimizer_ops():
