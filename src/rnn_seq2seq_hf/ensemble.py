@@ -195,7 +195,7 @@ class Seq2SeqEnsemble(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the members build their own caches on the first forward, as they do alone
 
-    def get_encoder(self) -> EnsembleEncoder:
+    def get_encoder(self, modality: str | None = None) -> EnsembleEncoder:  # transformers 5.24 passes `modality`
         return EnsembleEncoder(self.members)
 
     def forward(

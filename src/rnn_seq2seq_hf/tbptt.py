@@ -333,8 +333,8 @@ class TBPTTSettings:
         )
 
 
-# TrainingArguments defaults of the LM jobs (as training.py's block training): evaluate and save every epoch, keep
-# the best checkpoint by validation loss.
+# TrainingArguments defaults of the LM jobs (training.py uses them for block training too): evaluate and save every
+# epoch, keep the best checkpoint by validation loss.
 TRAINER_DEFAULTS = dict(
     eval_strategy="epoch",
     save_strategy="epoch",

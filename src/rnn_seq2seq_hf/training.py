@@ -73,6 +73,7 @@ from .run_folder import (
     write_file_atomically,
     write_folder_atomically,
 )
+from .tbptt import TRAINER_DEFAULTS as LM_TRAINER_DEFAULTS
 from .tokenization import lm_reads_lines, special_token_ids, tokenizer_kind, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -238,15 +239,7 @@ TRAINER_DEFAULTS = {
         train_sampling_strategy="group_by_length",
         logging_steps=50,
     ),
-    "language_modeling": dict(
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=50,
-    ),
+    "language_modeling": LM_TRAINER_DEFAULTS,  # the same for block and truncated-BPTT training
 }
 
 

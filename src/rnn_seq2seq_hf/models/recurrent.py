@@ -344,21 +344,8 @@ class RecurrentStack(nn.Module):
         weights = [weight for layer in range(self.num_layers) for weight in self.layer_weights(layer)]
         hx = list(state) if self.is_lstm else state[0]
         common = (self.rnn.bias, self.num_layers, float(self.rnn.dropout), self.training, self.num_directions == 2)
-        function = self._vf_function()
-        if lengths is None:
-            output, *final = function(inputs, hx, weights, *common, True)
-            return output, tuple(final)
-        steps = inputs.shape[1]
-        packed = pack_padded_sequence(inputs, lengths.clamp(min=1), batch_first=True, enforce_sorted=False)
-        hx = (
-            [t.index_select(1, packed.sorted_indices) for t in hx]
-            if self.is_lstm
-            else hx.index_select(1, packed.sorted_indices)
-        )
-        data, *final = function(packed.data, packed.batch_sizes, hx, weights, *common)
-        final = tuple(t.index_select(1, packed.unsorted_indices) for t in final)
-        output, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=steps)
-        return output, final
+        output, *final = self._run_functional(self._vf_function(), weights, hx, common, inputs, lengths)
+        return output, tuple(final)
 
     def _run_time_chunks(self, inputs, state, lengths) -> tuple[torch.Tensor, RNNState]:
         """Gradient checkpointing over chunks of about sqrt(T) steps (unidirectional stacks only)."""
@@ -422,9 +409,11 @@ class RecurrentStack(nn.Module):
             # One layer's weights are a slice of the stack's cuDNN buffer: cuDNN copies them into a buffer of their
             # own (one pass over the weights) and warns about it; expected on this path.
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-            return self._run_layer(function, weights, hx, common, inputs, lengths)
+            return self._run_functional(function, weights, hx, common, inputs, lengths)
 
-    def _run_layer(self, function, weights, hx, common, inputs, lengths):
+    def _run_functional(self, function, weights, hx, common, inputs, lengths):
+        """torch's functional RNN op over `weights` (one layer or the stack, as `common` says), packing the rows of a
+        padded batch by their `lengths`; returns `(outputs [B, T, D*H], *final states)`."""
         if lengths is None:
             output, *final = function(inputs, hx, weights, *common, True)
             return (output, *final)
