@@ -16,7 +16,7 @@ jobs=("$@")
 
 keep() {  # copy the small outputs of run $1 into $RESULTS/$1
   mkdir -p "$RESULTS/$1"
-  for f in metrics.json loss.png attention.png samples.txt test_translations.txt; do
+  for f in metrics.json loss.png attention.png samples.txt test_translations.txt recipe.yaml train.log; do
     [ -f "$RUNS/$1/$f" ] && cp "$RUNS/$1/$f" "$RESULTS/$1/"
   done
   cp "$RUNS/$1/model/README.md" "$RESULTS/$1/model_card.md"
