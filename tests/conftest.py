@@ -19,3 +19,12 @@ def _seed_and_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_MODULES_CACHE", str(home / "modules"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks and the CLI's --threads set torch's thread count for the process; a test that leaves it changed
+    would make later bit-exact comparisons with a subprocess (which starts with torch's default) depend on order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
