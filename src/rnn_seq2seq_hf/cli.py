@@ -121,7 +121,14 @@ def _batching(args) -> dict:
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
+    from .run_folder import RunFolderError, is_finished_run
 
+    if is_finished_run(args.output_dir) and not args.overwrite_output_dir:  # (run_demo says the same, after work)
+        raise RunFolderError(
+            f"{args.output_dir} holds a finished run (model/ and metrics.json); pass --overwrite-output-dir to "
+            "replace it, or choose another --output-dir"
+        )
+    _hint_if_busy(args)
     run_demo(args.output_dir, quick=args.quick, overrides=args.set, overwrite_output_dir=args.overwrite_output_dir)
 
 
@@ -163,10 +170,12 @@ def _data_name(args, files: list[str | None]) -> str:
     return ",".join(Path(part.strip()).name for spec in files if spec for part in spec.split(","))
 
 
-def _run_quietly(function, *positional, **keywords):
-    """Run a training job with everything it prints sent to stderr: stdout carries only the final metrics."""
+def _run_quietly(args, function, *positional, **keywords):
+    """Run a training job with everything it prints sent to stderr: stdout carries only the final metrics. The
+    recipe and the data have been checked by now, so a busy machine's hint comes only before real work."""
     import contextlib
 
+    _hint_if_busy(args)
     with contextlib.redirect_stdout(sys.stderr):
         return function(*positional, **keywords)
 
@@ -182,6 +191,7 @@ def cmd_train_translation(args) -> None:
     test = _parallel(args, args.test_split, args.test) if (args.test or args.dataset and args.test_split) else None
     name = _data_name(args, [args.train])
     metrics = _run_quietly(
+        args,
         train_translation,
         recipe,
         args.output_dir,
@@ -229,6 +239,7 @@ def cmd_train_lm(args) -> None:
         test_lines = read_lm_text(args.test) if args.test else None
     name = _data_name(args, [args.train])
     metrics = _run_quietly(
+        args,
         train_language_model,
         recipe,
         args.output_dir,
@@ -806,7 +817,13 @@ def _busy_machine_hint(threads: int | None) -> str | None:
     )
 
 
-LONG_COMMANDS = ("demo", "train-translation", "train-lm")  # worth a hint about threads on a busy machine
+def _hint_if_busy(args) -> None:
+    """Print the busy-machine hint once, from the main process, when a long command is about to start its work
+    (after its arguments, recipe and data were checked: an error stays one line)."""
+    if _is_main_process():
+        hint = _busy_machine_hint(args.threads)
+        if hint:
+            print(hint, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -817,10 +834,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with _logging_for(args.verbose), _torch_threads(args.threads):
-            if args.command in LONG_COMMANDS and _is_main_process():
-                hint = _busy_machine_hint(args.threads)
-                if hint:
-                    print(hint, file=sys.stderr)
             args.func(args)
     except BrokenPipeError:
         # The reader of stdout went away (`rnn-seq2seq translate ... | head`): stop quietly, as `yes | head` does,
