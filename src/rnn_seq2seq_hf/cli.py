@@ -849,7 +849,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Destroy the process group of a `torchrun` run before the interpreter exits: a group left to interpreter
+    shutdown can abort a rank ("terminate called without an active exception")."""
+    torch = sys.modules.get("torch")  # nothing to do if the command never imported torch
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
