@@ -181,16 +181,20 @@ class RecurrentStack(nn.Module):
         if self.training and (self.weight_dropout > 0 or (self.locked_dropout and self._between_layers_p() > 0)):
             return self._forward_regularised(inputs, state, mask, lengths, output_layers)
         with torch.autocast(device_type=inputs.device.type, enabled=False):
-            if mask is not None and inputs.shape[1] == 1:
-                return self._run_one_step(inputs, state, mask, output_layers)
-            if mask is not None and _is_tracing():
+            if mask is not None and inputs.shape[1] > 1 and _is_tracing():
                 return self._run_scan(inputs, state, mask)
-            if mask is not None and lengths is None:
-                lengths = mask.sum(dim=1).cpu()  # one host read
-            if mask is None or bool((lengths == inputs.shape[1]).all()):
-                outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
-                return RecurrentOutput(outputs, new_state, layers)
-            return self._run_padded(inputs, state, mask, lengths, output_layers)
+            return self._run_by_padding(inputs, state, mask, lengths, output_layers)
+
+    def _run_by_padding(self, inputs, state, mask, lengths, output_layers: bool) -> RecurrentOutput:
+        """The path for this batch's padding: one masked step, the compact path (no padding), or the packed one."""
+        if mask is not None and inputs.shape[1] == 1:
+            return self._run_one_step(inputs, state, mask, output_layers)
+        if mask is not None and lengths is None:
+            lengths = mask.sum(dim=1).cpu()  # one host read
+        if mask is None or bool((lengths == inputs.shape[1]).all()):
+            outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
+            return RecurrentOutput(outputs, new_state, layers)
+        return self._run_padded(inputs, state, mask, lengths, output_layers)
 
     def reflatten_if_split(self) -> None:
         """On a GPU: put the weights back into one buffer if something outside the model (a device move by other
@@ -240,14 +244,7 @@ class RecurrentStack(nn.Module):
             with quiet, torch.autocast(device_type=inputs.device.type, enabled=False):
                 if inputs.is_cuda:
                     warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-                if mask is not None and inputs.shape[1] == 1:
-                    return self._run_one_step(inputs, state, mask, output_layers)
-                if mask is not None and lengths is None:
-                    lengths = mask.sum(dim=1).cpu()  # one host read
-                if mask is None or bool((lengths == inputs.shape[1]).all()):
-                    outputs, new_state, layers = self._run_compact(inputs, state, None, output_layers)
-                    return RecurrentOutput(outputs, new_state, layers)
-                return self._run_padded(inputs, state, mask, lengths, output_layers)
+                return self._run_by_padding(inputs, state, mask, lengths, output_layers)
         finally:
             self._dropped_weights = self._layer_masks = None
 
