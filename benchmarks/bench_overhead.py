@@ -19,7 +19,9 @@ no dropout, no input feeding (the training table also has the input-feeding mode
 - generate() greedy / beam 5 / sampling: `model.generate(...)`.
 - forward step: one cached decoder step of `model(...)` alone (ops only).
 Training (forward + backward + Adam), in target tokens per second against bound B (bare LSTM stacks + vocabulary
-projection + cross-entropy, as in `bench_seq2seq.py`): the fused decoder and the input-feeding decoder.
+projection + cross-entropy, as in `bench_seq2seq.py`): the fused decoder and the input-feeding decoder, and "bare
+fused", the fused model's loss written from raw ops over its own modules (`bare_seq2seq_loss`): bound B plus the
+attention and bridge arithmetic, the eager floor of the fused row ("of bare" is each row's time against it).
 LM (RNNLMForCausalLM, 2-layer LSTM): bare greedy / beam / sampling over its embedding, `nn.LSTM` and projection,
 a forward loop, and generate() greedy / beam / sampling, continuing a prompt of the same length.
 
@@ -39,10 +41,12 @@ same.
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from bench_common import (
     BareStacks,
@@ -179,7 +183,6 @@ def _seq2seq_modules(model):
     return encoder, decoder
 
 
-@torch.no_grad()
 def bare_seq2seq_encode(model, source: torch.Tensor, expand: int = 1):
     """Encoder and bridge from raw ops (no padding: every source token is real).
 
@@ -197,6 +200,20 @@ def bare_seq2seq_encode(model, source: torch.Tensor, expand: int = 1):
         state = tuple(t.repeat_interleave(expand, dim=1) for t in state)
     keys_t = decoder.attention.memory_projection(memory).transpose(1, 2)  # [N, H, S]: W_a m, once per sentence
     return memory, keys_t, state
+
+
+def bare_seq2seq_loss(model, source: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor):
+    """The fused model's training loss from raw ops over its own modules (no padding, no dropout): encoder, bridge
+    "last", one decoder `nn.LSTM` call over all target positions, batched general attention, attentional layer,
+    projection, mean cross-entropy. The floor of the "fused" training row: bound B plus the attention and bridge
+    arithmetic that bound B leaves out."""
+    decoder, lm_head = model.model.decoder, model.lm_head.linear
+    memory, keys_t, state = bare_seq2seq_encode(model, source)
+    outputs, _ = decoder.rnn.rnn(decoder.embed_tokens(decoder_input_ids), state)  # [B, T, H]
+    weights = torch.softmax(torch.bmm(outputs, keys_t), dim=-1)  # [B, T, S]
+    attentional = torch.tanh(decoder.attentional_layer(torch.cat([torch.bmm(weights, memory), outputs], dim=-1)))
+    logits = lm_head(attentional)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def _bare_seq2seq_step(decoder, lm_head, tokens, state, memory, keys_t):
@@ -586,12 +603,15 @@ def seq2seq_training(size: Size, device: torch.device, rounds: int, repeats: int
     labels = torch.randint(3, size.vocab, (size.batch, size.length), device=device)
     decoder_input_ids = torch.cat([torch.ones_like(labels[:, :1]), labels[:, :-1]], dim=1)
     mask = torch.ones_like(source)
+    # the bare row trains a copy of the fused model, so both rows start from the same weights
+    bare = copy.deepcopy(fused)
     losses = {
         "bound B": lambda: bound_b.loss(source, decoder_input_ids, labels),
+        "bare fused": lambda: bare_seq2seq_loss(bare, source, decoder_input_ids, labels),
         "fused": lambda: fused(input_ids=source, attention_mask=mask, labels=labels).loss,
         "input feeding": lambda: feeding(input_ids=source, attention_mask=mask, labels=labels).loss,
     }
-    modules = {"bound B": bound_b, "fused": fused, "input feeding": feeding}
+    modules = {"bound B": bound_b, "bare fused": bare, "fused": fused, "input feeding": feeding}
     steps = {name: training_step_fn(modules[name], loss) for name, loss in losses.items()}
     seconds = medians(time_rounds(steps, rounds, device, repeats))
     tokens = size.batch * size.length
@@ -601,6 +621,7 @@ def seq2seq_training(size: Size, device: torch.device, rounds: int, repeats: int
             "seconds_per_step": seconds[name],
             "target_tokens_per_second": tokens / seconds[name],
             "of_bound_b": seconds["bound B"] / seconds[name],
+            "of_bare_fused": seconds["bare fused"] / seconds[name],
             **count_training_ops(step, losses[name]),
         }
     for row in table.values():
@@ -697,13 +718,13 @@ def main() -> None:
         results["seq2seq_training"] = train
         print("\nSeq2Seq training step (forward + backward + Adam)")
         print(
-            f"  {'variant':<16} {'ms':>9} {'tokens/s':>10} {'of B':>6} {'ops fwd+bwd':>12} {'non-view':>9} "
-            f"{'ops Adam':>9} {'x B ops':>8}"
+            f"  {'variant':<16} {'ms':>9} {'tokens/s':>10} {'of B':>6} {'of bare':>8} {'ops fwd+bwd':>12} "
+            f"{'non-view':>9} {'ops Adam':>9} {'x B ops':>8}"
         )
         for name, row in train.items():
             print(
                 f"  {name:<16} {row['seconds_per_step'] * 1e3:>9.2f} {row['target_tokens_per_second']:>10.0f} "
-                f"{row['of_bound_b']:>6.2f} {row['ops_forward_backward']:>12} "
+                f"{row['of_bound_b']:>6.2f} {row['of_bare_fused']:>8.2f} {row['ops_forward_backward']:>12} "
                 f"{row['non_view_ops_forward_backward']:>9} {row['ops_optimizer_step']:>9} "
                 f"{row['ops_over_bound_b']:>8.2f}"
             )

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_common  # noqa: E402
 import bench_overhead as overhead  # noqa: E402
+from rnn_seq2seq_hf import RNNSeq2SeqForConditionalGeneration  # noqa: E402
 
 SIZE = overhead.Size(hidden=16, embedding=16, vocab=30, batch=3, length=6, layers=2, beams=3)
 CPU = torch.device("cpu")
@@ -173,10 +174,27 @@ def test_decode_table_reports_ratios_against_the_bare_loop(seq2seq):
 
 def test_training_table_counts_every_variant():
     table = overhead.seq2seq_training(SIZE, CPU, rounds=1, repeats=1)
-    assert set(table) == {"bound B", "fused", "input feeding"}
+    assert set(table) == {"bound B", "bare fused", "fused", "input feeding"}
     assert table["bound B"]["of_bound_b"] == 1.0 and table["bound B"]["ops_over_bound_b"] == 1.0
     # the input-feeding decoder issues its step ops once per target position
     assert table["input feeding"]["ops_forward_backward"] > 2 * table["fused"]["ops_forward_backward"]
+
+
+def test_bare_fused_loss_is_the_models_training_loss_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = RNNSeq2SeqForConditionalGeneration(overhead.seq2seq_config(SIZE)).train()
+    generator = torch.Generator().manual_seed(2)
+    source = torch.randint(3, SIZE.vocab, (SIZE.batch, SIZE.length), generator=generator)
+    labels = torch.randint(3, SIZE.vocab, (SIZE.batch, SIZE.length - 3), generator=generator)
+    decoder_input_ids = torch.cat([torch.ones_like(labels[:, :1]), labels[:, :-1]], dim=1)
+    assert model.config.decoder_start_token_id == 1
+    ours = model(input_ids=source, labels=labels).loss
+    ours_grads = torch.autograd.grad(ours, list(model.parameters()))
+    bare = overhead.bare_seq2seq_loss(model, source, decoder_input_ids, labels)
+    bare_grads = torch.autograd.grad(bare, list(model.parameters()))
+    torch.testing.assert_close(bare, ours, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(bare_grads, ours_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_write_json_replaces_the_file_whole(tmp_path):

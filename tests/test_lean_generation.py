@@ -288,3 +288,58 @@ def test_a_decoding_step_reads_no_tensor_values(family, decoding):
     model.lean_generation = False  # transformers' own loop, for comparison: it reads at least as much
     reference = host_reads_per_step(model, inputs, forced=False, **DECODING[decoding])
     assert reference[1] >= free[1]
+
+
+def test_signatures_computed_once_are_the_functions_own():
+    """generate() inspects these signatures at every call; they are stored once (`signature_computed_once`) and must
+    be exactly what inspect derives from the function itself."""
+    import inspect
+    import types
+
+    from rnn_seq2seq_hf import RNNLMForCausalLM, RNNSeq2SeqForConditionalGeneration
+    from rnn_seq2seq_hf.models.generation_rnn import RecurrentGenerationMixin
+    from rnn_seq2seq_hf.models.modeling_rnn_seq2seq import RNNDecoder, RNNEncoder
+
+    functions = [
+        RNNSeq2SeqForConditionalGeneration.forward,
+        RNNEncoder.forward,
+        RNNDecoder.forward,
+        RNNLMForCausalLM.forward,
+        RecurrentGenerationMixin.prepare_inputs_for_generation,
+        RecurrentGenerationMixin._sample,
+        RecurrentGenerationMixin._beam_search,
+    ]
+    for function in functions:
+        assert "__signature__" in vars(function), function.__qualname__
+        fresh = types.FunctionType(
+            function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+        )
+        fresh.__kwdefaults__, fresh.__annotations__ = function.__kwdefaults__, function.__annotations__
+        assert inspect.signature(function) == inspect.signature(fresh), function.__qualname__
+    model = make_seq2seq()
+    assert list(inspect.signature(model.forward).parameters)[:2] == ["input_ids", "attention_mask"]  # bound: no self
+
+
+def test_the_source_mask_checked_by_the_first_forward_is_not_checked_again():
+    """The decoding loop reuses the padding the prefill forward checked (no second host read of the same mask), but
+    only for that very mask, unchanged: another tensor, or the same one changed in place, is checked again."""
+    from rnn_seq2seq_hf.models.cache_rnn import RNNCache
+
+    cache = RNNCache(num_layers=1, num_states=1)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    checked, calls = object(), []
+
+    def check(tensor):
+        calls.append(tensor)
+        return "checked again"
+
+    cache.remember_source_padding(mask, checked)
+    assert cache.source_padding(mask, check) is checked and calls == []
+    assert cache.source_padding(mask.clone(), check) == "checked again"
+    mask[0, 2] = 0
+    assert cache.source_padding(mask, check) == "checked again" and len(calls) == 2
+    # end to end: a padded source decodes as with transformers' loop (which checks at every step)
+    model = make_seq2seq()
+    tokens, padding = right_padded(SOURCES)
+    lean, reference = both_loops(model, input_ids=tokens, attention_mask=padding, max_new_tokens=6, num_beams=2)
+    assert_same_generation(lean, reference)

@@ -143,3 +143,56 @@ def test_state_to_batch_first_concatenates_directions_per_layer():
     for layer in range(layers):
         assert torch.all(converted[:, layer, :hidden] == 10 * layer)
         assert torch.all(converted[:, layer, hidden:] == 10 * layer + 1)
+
+
+CELL_STEP_CASES = [
+    *[(cell, layers, dropout, True) for cell in CELL_TYPES for layers, dropout in [(1, 0.0), (3, 0.0), (3, 0.4)]],
+    ("lstm", 2, 0.0, False),  # no biases
+]
+
+
+@pytest.mark.parametrize("cell, num_layers, dropout, bias", CELL_STEP_CASES)
+def test_training_steps_through_cells_equal_the_fused_step(cell, num_layers, dropout, bias):
+    """`step` in CPU training runs torch's cell ops layer by layer; the reference is the fused op (`cell_steps =
+    False`): the same outputs, states and gradients (inputs, state and every weight), and with dropout between layers
+    the same random masks from the same seed."""
+    torch.manual_seed(0)
+    stack = RecurrentStack(cell, input_size=6, hidden_size=8, num_layers=num_layers, dropout=dropout).train()
+    if not bias:
+        stack.rnn = torch.nn.LSTM(6, 8, num_layers, bias=False, batch_first=True)
+    for p in stack.parameters():
+        torch.nn.init.uniform_(p, -0.6, 0.6)
+    inputs = torch.randn(5, 1, 6, requires_grad=True)
+    state = tuple(torch.randn(num_layers, 5, 8, requires_grad=True) for _ in range(stack.num_states))
+    leaves = [inputs, *state, *stack.parameters()]
+
+    def run(cell_steps):
+        stack.cell_steps = cell_steps
+        torch.manual_seed(7)
+        outputs, new_state = stack.step(inputs, state)
+        loss = outputs.pow(2).sum() + sum(tensor.pow(3).sum() for tensor in new_state)
+        return outputs, new_state, torch.autograd.grad(loss, leaves)
+
+    outputs, new_state, grads = run(True)
+    ref_outputs, ref_state, ref_grads = run(False)
+    assert outputs.shape == ref_outputs.shape == (5, 1, 8)
+    torch.testing.assert_close(outputs, ref_outputs, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(new_state, ref_state, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if dropout:  # the masks were really applied
+        assert not torch.equal(outputs, stack.eval().step(inputs, state)[0])
+
+
+def test_inference_steps_run_the_fused_op_exactly():
+    """Decoding (no gradients) keeps the fused op: exactly `forward`'s values, which generate()'s token-for-token
+    equality with transformers' loops relies on."""
+    stack = make_stack("lstm")
+    inputs = torch.randn(4, 1, 6)
+    state = tuple(torch.randn(2, 4, 8) for _ in range(2))
+    with torch.no_grad():
+        outputs, new_state = stack.step(inputs, state)
+        reference = stack(inputs, state)
+    assert torch.equal(outputs, reference.outputs)
+    assert all(torch.equal(a, b) for a, b in zip(new_state, reference.state))

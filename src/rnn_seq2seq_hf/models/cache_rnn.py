@@ -99,6 +99,8 @@ class RNNCache(Cache):
         self.memory_rows: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
         self._keys_source: torch.Tensor | None = None
+        # the source attention mask checked with this memory: (mask tensor, its version, the checked result)
+        self._source_padding: tuple | None = None
 
     # --- state ----------------------------------------------------------------------------------------------------
 
@@ -166,6 +168,23 @@ class RNNCache(Cache):
         if self._keys_source is not memory:
             self._keys, self._keys_source = project(memory), memory
         return self._keys
+
+    def remember_source_padding(self, attention_mask: torch.Tensor | None, padding) -> None:
+        """Record `padding`, the checked form of the source `attention_mask` (see `input_checks.check_padding`)."""
+        self._source_padding = (attention_mask, getattr(attention_mask, "_version", None), padding)
+
+    def source_padding(self, attention_mask: torch.Tensor | None, check):
+        """The checked form of the source `attention_mask`: remembered if it is the mask (unchanged since) that the
+        forward call which built this cache checked, else `check(attention_mask)`. `generate()` passes the same mask
+        to its first forward call and to the decoding loop; checking it again would read it on the host again."""
+        remembered = self._source_padding
+        if (
+            remembered is not None
+            and remembered[0] is attention_mask
+            and remembered[1] == getattr(attention_mask, "_version", None)
+        ):
+            return remembered[2]
+        return check(attention_mask)
 
     # --- batch operations (generate() and beam search) ------------------------------------------------------------
 

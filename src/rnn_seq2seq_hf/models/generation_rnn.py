@@ -27,6 +27,7 @@ This file imports only installed packages and sibling files, so it travels with 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -50,6 +51,18 @@ LEAN_MODEL_KWARGS = frozenset(
 )
 
 
+def signature_computed_once(function):
+    """Decorator: store `function`'s signature on it, so `inspect.signature` returns it without re-deriving it.
+
+    transformers' `generate()` inspects `forward`, `prepare_inputs_for_generation` and the encoder's and decoder's
+    `forward` about ten times per call (which model inputs exist), each time building the signature anew; that is
+    about 0.2 ms per call on a CPU, as much as a whole decoding step of a small model. Python documents
+    `__signature__` as the value `inspect.signature` returns when it is set, so the answers stay the same.
+    """
+    function.__signature__ = inspect.signature(function)
+    return function
+
+
 class RecurrentGenerationMixin:
     """Mixed into the LM and Seq2Seq heads before `GenerationMixin`."""
 
@@ -63,6 +76,7 @@ class RecurrentGenerationMixin:
         check_generation_arguments(self, kwargs)
         return super().generate(*args, **kwargs)
 
+    @signature_computed_once
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -131,6 +145,7 @@ class RecurrentGenerationMixin:
                 logger.warning("CUDA graph capture failed (%s); decoding without graphs", str(error).split("\n")[0])
         return DecodingStep(function, cache)
 
+    @signature_computed_once
     def _sample(
         self,
         input_ids: torch.LongTensor,
@@ -213,6 +228,7 @@ class RecurrentGenerationMixin:
             return GenerateEncoderDecoderOutput(sequences=input_ids, scores=scores, logits=raw_logits, cache=cache)
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, cache=cache)
 
+    @signature_computed_once
     def _beam_search(
         self,
         input_ids: torch.LongTensor,
@@ -578,12 +594,12 @@ class LeanBeamSearch:
         codes, valid = codes[:, :generated], valid[:, :generated]
         vocab = self._vocab_size
         tokens = torch.where(valid, codes % vocab, torch.as_tensor(self.fill, device=device))
-        sentence = torch.arange(B, device=device).repeat_interleave(R)[:, None]
-        beam_indices = torch.where(valid, codes // vocab + sentence * W, -1).to(torch.int32)
         prompt = self.prompt.view(B, W, -1)[:, 0].repeat_interleave(R, dim=0)
         sequences = torch.cat([prompt, tokens], dim=1)
         if not self.return_dict:
             return sequences
+        sentence = torch.arange(B, device=device).repeat_interleave(R)[:, None]
+        beam_indices = torch.where(valid, codes // vocab + sentence * W, -1).to(torch.int32)
         output_class = GenerateBeamEncoderDecoderOutput if encoder_decoder else GenerateBeamDecoderOnlyOutput
         return output_class(
             sequences=sequences,
@@ -651,5 +667,6 @@ __all__ = [
     "LeanProcessors",
     "RecurrentGenerationMixin",
     "check_generation_arguments",
+    "signature_computed_once",
     "unseen_length",
 ]

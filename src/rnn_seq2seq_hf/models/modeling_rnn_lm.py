@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_rnn import RNNCache
 from .configuration_rnn_lm import RNNLMConfig
-from .generation_rnn import RecurrentGenerationMixin
+from .generation_rnn import RecurrentGenerationMixin, signature_computed_once
 from .input_checks import (
     Padding,
     check_extra_kwargs,
@@ -198,6 +198,7 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
 
         return step
 
+    @signature_computed_once  # generate() inspects it at every call
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

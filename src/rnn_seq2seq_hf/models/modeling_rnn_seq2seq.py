@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 from .attention import build_attention, padding_mask
 from .cache_rnn import RNNCache
 from .configuration_rnn_seq2seq import RNNSeq2SeqConfig
-from .generation_rnn import RecurrentGenerationMixin
+from .generation_rnn import RecurrentGenerationMixin, signature_computed_once
 from .input_checks import (
     Padding,
     check_extra_kwargs,
@@ -94,6 +94,7 @@ class RNNEncoder(nn.Module):
             bidirectional=config.bidirectional_encoder,
         )
 
+    @signature_computed_once  # generate() inspects it at every call
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -276,6 +277,7 @@ class RNNDecoder(nn.Module):
         """The attention keys `[B, S, K]` of `memory`, computed once per memory tensor (see `RNNCache`)."""
         return None if self.attention is None else cache.attention_keys(memory, self.attention.project_memory)
 
+    @signature_computed_once  # generate() inspects it at every call
     def forward(
         self,
         input_ids: torch.LongTensor | None,
@@ -536,6 +538,7 @@ class RNNSeq2SeqModel(RNNSeq2SeqPreTrainedModel):
             )
         if cache is None:
             cache = self.decoder.init_cache(encoder_outputs)
+            cache.remember_source_padding(attention_mask, source_padding)
         elif not isinstance(cache, RNNCache):
             raise ValueError(f"`cache` must be an RNNCache returned by this model, got {type(cache).__name__}.")
         else:
@@ -582,10 +585,9 @@ def resize_decoder_embeddings(model: PreTrainedModel, decoder: RNNDecoder, size:
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Decoder inputs from targets: `[start, y_1, ..., y_{T-1}]`, with ignored (-100) labels read as padding."""
-    shifted = labels.new_full(labels.shape, pad_token_id)
-    shifted[:, 1:] = labels[:, :-1]
-    shifted[:, 0] = decoder_start_token_id
-    return shifted.masked_fill(shifted == -100, pad_token_id)
+    previous = labels[:, :-1]
+    previous = previous.masked_fill(previous == -100, pad_token_id)
+    return torch.cat([labels.new_full((labels.shape[0], 1), decoder_start_token_id), previous], dim=1)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
@@ -596,9 +598,9 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: i
     loss and gradient as one big batch.
     """
     logits = logits if logits.dtype == torch.float32 else logits.float()
+    if num_items_in_batch is None:  # the mean over this batch's target tokens, in one operation
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     total = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = (labels != -100).sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -662,7 +664,9 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         padding) is read from `model_kwargs` once."""
         decoder = self.model.decoder
         memory = model_kwargs["encoder_outputs"]["last_hidden_state"]  # [N, S, H], expanded per beam by generate()
-        source_padding = check_padding(model_kwargs.get("attention_mask"), *memory.shape[:2])
+        source_padding = model_kwargs["cache"].source_padding(
+            model_kwargs.get("attention_mask"), lambda mask: check_padding(mask, *memory.shape[:2])
+        )
         padding = padding_mask(None if source_padding is None else source_padding.mask)  # None without padding
         keys = decoder.attention_keys(memory, model_kwargs["cache"])
         decoder.rnn.reflatten_if_split()
@@ -676,6 +680,7 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
 
         return step
 
+    @signature_computed_once  # generate() inspects it at every call
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
