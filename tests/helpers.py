@@ -161,3 +161,36 @@ def lm_sequence_logprob(model, prompt: list[int], generated: list[int]) -> float
     logprobs = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
     offset = len(prompt) - 1
     return sum(logprobs[offset + t, tok].item() for t, tok in enumerate(generated))
+
+
+class HostReads:
+    """Counts the reads of tensor values by the host while active: calls of the Python methods that read them
+    (`item`, `tolist`, `bool(t)`, `int(t)`, `.cpu()`, ...) and, with the profiler, every `aten::_local_scalar_dense`
+    (what `item()` and `bool()` run underneath). On a GPU each is a synchronisation that stalls the launch queue."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+    def __init__(self):
+        self.calls = 0
+        self.scalar_reads = 0
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(method))
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        return self
+
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
+            self.calls += 1
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        self._profiler.__exit__(*exc)
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        self.scalar_reads = sum(event.name == "aten::_local_scalar_dense" for event in self._profiler.events())

@@ -12,6 +12,7 @@ from helpers import (
     LOGIT_TOL,
     SEQ2SEQ_IDS,
     SEQ2SEQ_VARIANTS,
+    HostReads,
     left_padded,
     make_lm,
     make_seq2seq,
@@ -212,39 +213,6 @@ def test_the_static_buffers_of_the_cuda_graph_step_give_the_eager_results(monkey
 
 
 # --- host reads in the decoding step -------------------------------------------------------------------------------
-
-
-class HostReads:
-    """Counts the reads of tensor values by the host while active: calls of the Python methods that read them
-    (`item`, `tolist`, `bool(t)`, `int(t)`, `.cpu()`, ...) and, with the profiler, every `aten::_local_scalar_dense`
-    (what `item()` and `bool()` run underneath). On a GPU each is a synchronisation that stalls the launch queue."""
-
-    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
-
-    def __init__(self):
-        self.calls = 0
-        self.scalar_reads = 0
-
-    def __enter__(self):
-        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, self._counting(method))
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self._profiler.__enter__()
-        return self
-
-    def _counting(self, method):
-        def counted(tensor, *args, **kwargs):
-            self.calls += 1
-            return method(tensor, *args, **kwargs)
-
-        return counted
-
-    def __exit__(self, *exc):
-        self._profiler.__exit__(*exc)
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, method)
-        self.scalar_reads = sum(event.name == "aten::_local_scalar_dense" for event in self._profiler.events())
 
 
 def host_reads_per_step(model, inputs, forced, steps_short=4, steps_long=10, **kwargs):

@@ -24,6 +24,8 @@ from .input_checks import (
     check_labels,
     check_padding,
     check_token_ids,
+    leading_shape,
+    read_values_once,
 )
 from .output_layer import OutputLayer
 from .pretrained import RecurrentPreTrainedModel
@@ -238,50 +240,56 @@ class RNNLMForCausalLM(RecurrentGenerationMixin, RNNLMPreTrainedModel, Generatio
         check_extra_kwargs(kwargs, type(self).__name__)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         inputs = input_ids if input_ids is not None else inputs_embeds
-        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and not isinstance(attention_mask, Padding):
-            # checked once here, for the recurrent stack and for the positions the head repeats
-            past = cache.num_seen_tokens if isinstance(cache, RNNCache) else 0
-            attention_mask = check_padding(attention_mask, *inputs.shape[:2], past_length=past)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
-        mask = attention_mask.mask if isinstance(attention_mask, Padding) else None  # None: no padding
-        hidden = repeat_last_real_position(outputs.last_hidden_state, mask)[:, keep]
-        dropped = self.output_dropout(hidden)
-        logits = self.lm_head(dropped)
-        if self.input_to_output is not None:
-            embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            embeddings = repeat_last_real_position(embeddings, mask)[:, keep]
-            logits = logits + self.input_to_output(self.model.embedding_dropout(embeddings))
+        # the values of every input are read in one go, in the order of the checks below and in the model
+        shape = leading_shape(inputs)
+        values = [
+            ("mask", "attention_mask", attention_mask, None if isinstance(cache, RNNCache) else shape),
+            ("ids", "input_ids", input_ids, None),
+            ("labels", "labels", labels if logits_to_keep == 0 else None, shape),
+            ("labels", "shift_labels", shift_labels if logits_to_keep == 0 else None, shape),
+        ]
+        with read_values_once(self.config.vocab_size, values):
+            if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and not isinstance(attention_mask, Padding):
+                # checked once here, for the recurrent stack and for the positions the head repeats
+                past = cache.num_seen_tokens if isinstance(cache, RNNCache) else 0
+                attention_mask = check_padding(attention_mask, *inputs.shape[:2], past_length=past)
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
+            mask = attention_mask.mask if isinstance(attention_mask, Padding) else None  # None: no padding
+            hidden = repeat_last_real_position(outputs.last_hidden_state, mask)[:, keep]
+            dropped = self.output_dropout(hidden)
+            logits = self.lm_head(dropped)
+            if self.input_to_output is not None:
+                embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+                embeddings = repeat_last_real_position(embeddings, mask)[:, keep]
+                logits = logits + self.input_to_output(self.model.embedding_dropout(embeddings))
 
-        loss = None
-        if labels is not None:
-            if logits_to_keep > 0:
-                raise ValueError("`labels` need logits for every position: leave `logits_to_keep` at 0 to train.")
-            check_labels(labels, hidden.shape[:2], self.config.vocab_size)
-            if shift_labels is not None:
-                try:
-                    check_labels(shift_labels, hidden.shape[:2], self.config.vocab_size)
-                except ValueError as error:
-                    raise ValueError(str(error).replace("`labels`", "`shift_labels`", 1)) from None
-                kwargs["shift_labels"] = shift_labels.contiguous()  # transformers' loss views it flat
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            alpha = self.config.activation_regularization
-            beta = self.config.temporal_activation_regularization
-            if (alpha or beta) and self.training:
-                if shift_labels is None:  # position t has a target when labels[:, t + 1] is not ignored
-                    shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-                valid = shift_labels != -100
-                loss = loss + activation_regularization(
-                    dropped, hidden, valid, alpha, beta, kwargs.get("num_items_in_batch")
-                )
+            loss = None
+            if labels is not None:
+                if logits_to_keep > 0:
+                    raise ValueError("`labels` need logits for every position: leave `logits_to_keep` at 0 to train.")
+                check_labels(labels, hidden.shape[:2], self.config.vocab_size)
+                if shift_labels is not None:
+                    check_labels(shift_labels, hidden.shape[:2], self.config.vocab_size, "shift_labels")
+                    kwargs["shift_labels"] = shift_labels.contiguous()  # transformers' loss views it flat
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+                alpha = self.config.activation_regularization
+                beta = self.config.temporal_activation_regularization
+                if (alpha or beta) and self.training:
+                    if shift_labels is None:  # position t has a target when labels[:, t + 1] is not ignored
+                        shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+                    valid = shift_labels != -100
+                    loss = loss + activation_regularization(
+                        dropped, hidden, valid, alpha, beta, kwargs.get("num_items_in_batch")
+                    )
 
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

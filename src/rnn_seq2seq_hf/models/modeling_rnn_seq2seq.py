@@ -44,8 +44,11 @@ from .input_checks import (
     check_extra_kwargs,
     check_inputs_embeds,
     check_labels,
+    check_labels_form,
     check_padding,
     check_token_ids,
+    leading_shape,
+    read_values_once,
 )
 from .output_layer import OutputLayer
 from .pipeline_seq2seq import Seq2SeqGenerationPipeline  # noqa: F401  (imported so its file travels with checkpoints)
@@ -711,23 +714,38 @@ class RNNSeq2SeqForConditionalGeneration(RecurrentGenerationMixin, RNNSeq2SeqPre
         check_extra_kwargs(kwargs, type(self).__name__)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
-            check_labels(labels, None, self.config.vocab_size)
+            check_labels_form(labels, None)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        # the values of every input are read in one go, in the order the checks below and in the model run
+        source_shape = leading_shape(input_ids if input_ids is not None else inputs_embeds)
+        if source_shape is None and isinstance(encoder_outputs, RNNEncoderOutput):
+            source_shape = leading_shape(encoder_outputs.last_hidden_state)
+        target_shape = leading_shape(decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds)
+        values = [
+            ("labels", "labels", labels, None),
+            ("mask", "attention_mask", attention_mask, source_shape),
+            ("ids", "input_ids", input_ids, None),
+            ("ids", "decoder_input_ids", decoder_input_ids, None),
+            ("mask", "decoder_attention_mask", decoder_attention_mask, None if cache is not None else target_shape),
+        ]
+        with read_values_once(self.config.vocab_size, values):
+            if labels is not None:
+                check_labels(labels, None, self.config.vocab_size)  # read above
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
         logits = self.lm_head(outputs.last_hidden_state)
 
         loss = None

@@ -189,7 +189,10 @@ class RecurrentStack(nn.Module):
             mask, lengths = mask
         if self.training and (self.weight_dropout > 0 or (self.locked_dropout and self._between_layers_p() > 0)):
             return self._forward_regularised(inputs, state, mask, lengths, output_layers)
-        with torch.autocast(device_type=inputs.device.type, enabled=False):
+        # entering the autocast context costs about as much as a small op, so only when autocast is on
+        device_type = inputs.device.type
+        autocast_off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
+        with autocast_off or contextlib.nullcontext():
             if mask is not None and inputs.shape[1] > 1 and _is_tracing():
                 return self._run_scan(inputs, state, mask)
             return self._run_by_padding(inputs, state, mask, lengths, output_layers)
