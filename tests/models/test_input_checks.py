@@ -72,11 +72,13 @@ def test_the_results_are_those_of_the_separate_checks():
     apart = model(encoder_outputs=encoder_outputs, attention_mask=mask, labels=labels)
     torch.testing.assert_close(together.loss, apart.loss)
     torch.testing.assert_close(together.logits, apart.logits)
-    # the padding check inside the block returns what it returns alone
-    with read_values_once(VOCAB, [("mask", "attention_mask", mask, (3, 7))]):
-        inside = check_padding(mask, 3, 7)
-    alone = check_padding(mask, 3, 7)
-    assert torch.equal(inside.mask, alone.mask) and torch.equal(inside.lengths, alone.lengths)
+    # the padding check inside the block returns what it returns alone, for integer and bool masks
+    for padding in (mask, mask.bool()):
+        with read_values_once(VOCAB, [("mask", "attention_mask", padding, (3, 7))]):
+            inside = check_padding(padding, 3, 7)
+        alone = check_padding(padding, 3, 7)
+        assert torch.equal(inside.mask, alone.mask) and torch.equal(inside.lengths, alone.lengths)
+        assert inside.lengths.tolist() == [7, 5, 7]
 
 
 BAD_INPUTS = {

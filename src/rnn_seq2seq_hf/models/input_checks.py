@@ -143,11 +143,9 @@ def check_padding(
 
 
 def _mask_values(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`[low, high, length of row 0, length of row 1, ...]` of a `[B, T]` mask, on its device (bool: low 0, high 1)."""
-    lengths = attention_mask.sum(dim=1, dtype=torch.long)
-    if attention_mask.dtype == torch.bool:
-        return torch.cat([lengths.new_tensor([0, 1]), lengths])
-    return torch.cat([torch.stack(torch.aminmax(attention_mask)).long(), lengths])
+    """`[low, high, length of row 0, length of row 1, ...]` of a `[B, T]` mask, on its device."""
+    values = attention_mask.long() if attention_mask.dtype == torch.bool else attention_mask
+    return torch.cat([torch.stack(torch.aminmax(values)).long(), attention_mask.sum(dim=1, dtype=torch.long)])
 
 
 def _judge_mask_values(low: int, high: int, name: str) -> None:
@@ -270,14 +268,14 @@ def read_values_once(vocab_size: int, inputs: list[tuple[str, str, object, tuple
         yield
         return
     pieces = [
-        torch.stack(torch.aminmax(tensor)).long()
+        torch.stack(torch.aminmax(tensor))
         if kind == "ids"
-        else _label_values(tensor).long()
+        else _label_values(tensor)
         if kind == "labels"
         else _mask_values(tensor)
         for kind, name, tensor in ready
     ]
-    values = torch.cat(pieces).tolist()  # the one host read
+    values = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).tolist()  # the one host read
     read, offset = dict(_READ.get() or {}), 0
     for (kind, name, tensor), piece in zip(ready, pieces, strict=True):
         low, high, *lengths = values[offset : offset + piece.numel()]
