@@ -187,7 +187,8 @@ class RecurrentGenerationMixin:
         some_finished = False  # known on the host: until then, the padding of finished rows changes nothing
         while True:
             if processors.only_min_length and scores is None and raw_logits is None:
-                next_scores = processors(input_ids, logits, length)  # on [N, 1, V]: the mask broadcasts
+                # on [N, 1, V] (the mask broadcasts), in place: the step's logits are kept nowhere else
+                next_scores = processors(input_ids, logits, length, in_place=True)
             elif processors or scores is not None:
                 next_logits = logits[:, 0]
                 if processors.need_sequences and generated:
@@ -387,7 +388,8 @@ class LeanProcessors:
     (transformers' versions rebuild the EOS mask and copy the scores at every step). Every other processor runs as
     it is, on the sequences so far.
 
-    Call: `processors(input_ids [N, L], scores [N, V], length)`, `length` the current sequence length (`input_ids`
+    Call: `processors(input_ids [N, L], scores [N, V], length, in_place=False)`, `length` the current sequence length
+    (`in_place`: the minimum-length mask may overwrite `scores`, which the caller keeps nowhere else; `input_ids`
     may lag behind it when no processor reads the tokens, see `need_sequences`). With the minimum-length mask only
     (`only_min_length`), scores may also be `[N, 1, V]`.
     """
@@ -429,11 +431,16 @@ class LeanProcessors:
             self._bans[id(eos)] = set(eos.tolist()) <= banned and 0 not in banned  # (an all -inf row's argmax is 0)
         return self._bans[id(eos)]
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, length: int) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, length: int, in_place: bool = False):
         if length < self.min_length:
             if self.eos_mask.shape[0] != scores.shape[-1]:
                 self.eos_mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self._eos_ids)
-            scores = scores.masked_fill(self.eos_mask, -math.inf)
+            # in place saves a copy of the scores per step ([N, V]: megabytes at large vocabularies and beams)
+            scores = (
+                scores.masked_fill_(self.eos_mask, -math.inf)
+                if in_place
+                else scores.masked_fill(self.eos_mask, -math.inf)
+            )
         for processor in self.others:
             scores = processor(input_ids, scores)
         return scores
@@ -497,13 +504,16 @@ class LeanBeamSearch:
         if self.processors or self.raw_logits is not None or self.all_scores is not None:
             logits, log_probs = logits[:, 0], log_probs[:, 0]  # [N, V], as processors and outputs have them
             if self.processors:
-                log_probs = self.processors(self.flat_running, log_probs, self.cur_len)
+                log_probs = self.processors(self.flat_running, log_probs, self.cur_len, in_place=True)
             if self.raw_logits is not None:
                 self.raw_logits += (logits.clone(),)
             if self.all_scores is not None:
                 self.all_scores += (log_probs.clone(),)
         vocab = self._vocab_size = log_probs.shape[-1]
-        accumulated = (log_probs.view(B, W, vocab) + self.running_scores).view(B, W * vocab)
+        if self.processors.others:  # transformers' processors made these scores: leave them as they are
+            accumulated = (log_probs.view(B, W, vocab) + self.running_scores).view(B, W * vocab)
+        else:  # this step's own log-probabilities (a copy is kept if asked): the same sums in place, no new [N, V]
+            accumulated = log_probs.view(B, W, vocab).add_(self.running_scores).view(B, W * vocab)
 
         # top-K continuations over all beams of a sentence; which of them stop (EOS, or the maximum length)
         top_scores, top_codes = torch.topk(accumulated, k=K)  # codes: parent * V + token
