@@ -384,12 +384,12 @@ class GraphedDecodingStep:
 
 class LeanProcessors:
     """transformers' logits processors, with the minimum-length ones (which `min_new_tokens` / `min_length` add)
-    replaced by one precomputed mask: the same scores, one operation while a minimum is not reached and none after
-    (transformers' versions rebuild the EOS mask and copy the scores at every step). Every other processor runs as
-    it is, on the sequences so far.
+    replaced by one operation that sets the EOS columns to minus infinity while a minimum is not reached, and none
+    after: the same scores (transformers' versions build a vocabulary-sized EOS mask and rewrite every score at every
+    step). Every other processor runs as it is, on the sequences so far.
 
     Call: `processors(input_ids [N, L], scores [N, V], length, in_place=False)`, `length` the current sequence length
-    (`in_place`: the minimum-length mask may overwrite `scores`, which the caller keeps nowhere else; `input_ids`
+    (`in_place`: the EOS columns may be set in `scores` itself, which the caller keeps nowhere else; `input_ids`
     may lag behind it when no processor reads the tokens, see `need_sequences`). With the minimum-length mask only
     (`only_min_length`), scores may also be `[N, 1, V]`.
     """
@@ -408,14 +408,11 @@ class LeanProcessors:
                 self.eos_ids = processor.eos_token_id
             else:
                 self.others.append(processor)
-        self.eos_mask = None
         self._bans = {}  # id of a stopping EOS tensor -> whether the minimum length bans all its ids
         self.need_sequences = bool(self.others)
         self.only_min_length = self.min_length > 0 and not self.others
         if self.min_length:
-            ids = torch.as_tensor(self.eos_ids, device=input_ids.device).flatten()
-            self.eos_mask = torch.zeros(1, dtype=torch.bool, device=input_ids.device)  # resized on first use
-            self._eos_ids = ids
+            self._eos_ids = torch.as_tensor(self.eos_ids, device=input_ids.device).flatten().long()
 
     def __bool__(self) -> bool:
         return bool(self.others) or self.min_length > 0
@@ -433,14 +430,9 @@ class LeanProcessors:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, length: int, in_place: bool = False):
         if length < self.min_length:
-            if self.eos_mask.shape[0] != scores.shape[-1]:
-                self.eos_mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self._eos_ids)
-            # in place saves a copy of the scores per step ([N, V]: megabytes at large vocabularies and beams)
-            scores = (
-                scores.masked_fill_(self.eos_mask, -math.inf)
-                if in_place
-                else scores.masked_fill(self.eos_mask, -math.inf)
-            )
+            # the EOS columns only (N values each), in place when allowed: no copy of the [N, V] scores
+            fill = scores.index_fill_ if in_place else scores.index_fill
+            scores = fill(-1, self._eos_ids, -math.inf)
         for processor in self.others:
             scores = processor(input_ids, scores)
         return scores
