@@ -131,16 +131,23 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_rounds(
-    variants: dict[str, Callable[[], object]], rounds: int, device: torch.device, repeats: int = 1
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    repeats: int = 1,
+    order: Callable[[int], list[str]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant in every round: rounds interleave the variants, and each round times
-    `repeats` back-to-back calls of a variant and divides by `repeats`. One untimed warm-up call each first."""
+    `repeats` back-to-back calls of a variant and divides by `repeats`. One untimed warm-up call each first.
+    `order(round)` gives the variants' order in that round (default: as given), so that no variant always runs
+    right after the same other one."""
     for fn in variants.values():
         fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    for round_index in range(rounds):
+        for name in order(round_index) if order else variants:
+            fn = variants[name]
             synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats):
