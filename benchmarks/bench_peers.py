@@ -397,6 +397,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=None, help="calls per round (default 1 anchor, 5 tiny)")
     parser.add_argument("--peers", default="OpenNMT-py,Joey NMT", help="comma-separated peers to try")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="rows to run, separated by ';' (row names contain commas), e.g. 'train, no input feeding': default all",
+    )
     parser.add_argument("--output", default=None)
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. the machine's load)")
     args = parser.parse_args()
@@ -429,6 +434,12 @@ def main() -> None:
         "greedy, 20 steps": lambda t: lambda: t.decode(batch, size.length, 1),
         f"beam {size.beams}, 20 steps": lambda t: lambda: t.decode(batch, size.length, size.beams),
     }
+    if args.rows:
+        wanted_rows = [name.strip() for name in args.rows.split(";")] if ";" in args.rows else [args.rows.strip()]
+        unknown = sorted(set(wanted_rows) - set(rows))
+        if unknown:
+            parser.error(f"--rows: unknown rows {unknown}; the rows are {list(rows)}")
+        rows = {row: make for row, make in rows.items() if row in wanted_rows}
     variants = {(row, t.name): make(t) for row, make in rows.items() for t in toolkits}
     names = [t.name for t in toolkits]
 
