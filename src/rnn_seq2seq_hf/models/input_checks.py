@@ -259,8 +259,8 @@ def read_values_once(vocab_size: int, inputs: list[tuple[str, str, object, tuple
     for kind, name, tensor, shape in inputs:
         if tensor is None or (isinstance(tensor, torch.Tensor) and _already_read(tensor) is not None):
             continue  # absent, or read by an enclosing call
-        if kind == "mask" and shape is None:
-            continue  # its shape is the caller's check to make (e.g. a mask that also covers cached positions)
+        if kind == "mask" and (shape is None or isinstance(tensor, Padding)):
+            continue  # its shape is the caller's check to make (a mask covering cached positions), or checked
         if not _well_formed(kind, tensor, shape):
             break
         ready.append((kind, name, tensor))
