@@ -21,7 +21,9 @@ no dropout, no input feeding (the training table also has the input-feeding mode
 Training (forward + backward + Adam), in target tokens per second against bound B (bare LSTM stacks + vocabulary
 projection + cross-entropy, as in `bench_seq2seq.py`): the fused decoder and the input-feeding decoder, and "bare
 fused", the fused model's loss written from raw ops over its own modules (`bare_seq2seq_loss`): bound B plus the
-attention and bridge arithmetic, the eager floor of the fused row ("of bare" is each row's time against it).
+attention and bridge arithmetic, the eager floor of the fused row ("of bare" is each row's time against it); and
+"input feeding, fused-op steps", the input-feeding model with `RecurrentStack.cell_steps = False` (its recurrent
+steps through the fused op, the reference of the cell ops that CPU training uses).
 LM (RNNLMForCausalLM, 2-layer LSTM): bare greedy / beam / sampling over its embedding, `nn.LSTM` and projection,
 a forward loop, and generate() greedy / beam / sampling, continuing a prompt of the same length.
 
@@ -64,6 +66,7 @@ from bench_common import (
     write_json,
 )
 from rnn_seq2seq_hf import RNNLMConfig, RNNLMForCausalLM, RNNSeq2SeqConfig, RNNSeq2SeqForConditionalGeneration
+from rnn_seq2seq_hf.models.recurrent import RecurrentStack
 
 EOS_BIAS = -1e4
 
@@ -603,15 +606,29 @@ def seq2seq_training(size: Size, device: torch.device, rounds: int, repeats: int
     labels = torch.randint(3, size.vocab, (size.batch, size.length), device=device)
     decoder_input_ids = torch.cat([torch.ones_like(labels[:, :1]), labels[:, :-1]], dim=1)
     mask = torch.ones_like(source)
-    # the bare row trains a copy of the fused model, so both rows start from the same weights
+    # the bare row trains a copy of the fused model, so both rows start from the same weights; the last row trains
+    # a copy of the input-feeding model whose recurrent steps run the fused op (the reference of the cell steps)
     bare = copy.deepcopy(fused)
+    feeding_fused_op = copy.deepcopy(feeding)
+    for module in feeding_fused_op.modules():
+        if isinstance(module, RecurrentStack):
+            module.cell_steps = False
     losses = {
         "bound B": lambda: bound_b.loss(source, decoder_input_ids, labels),
         "bare fused": lambda: bare_seq2seq_loss(bare, source, decoder_input_ids, labels),
         "fused": lambda: fused(input_ids=source, attention_mask=mask, labels=labels).loss,
         "input feeding": lambda: feeding(input_ids=source, attention_mask=mask, labels=labels).loss,
+        "input feeding, fused-op steps": lambda: (
+            feeding_fused_op(input_ids=source, attention_mask=mask, labels=labels).loss
+        ),
     }
-    modules = {"bound B": bound_b, "bare fused": bare, "fused": fused, "input feeding": feeding}
+    modules = {
+        "bound B": bound_b,
+        "bare fused": bare,
+        "fused": fused,
+        "input feeding": feeding,
+        "input feeding, fused-op steps": feeding_fused_op,
+    }
     steps = {name: training_step_fn(modules[name], loss) for name, loss in losses.items()}
     seconds = medians(time_rounds(steps, rounds, device, repeats))
     tokens = size.batch * size.length
@@ -718,12 +735,12 @@ def main() -> None:
         results["seq2seq_training"] = train
         print("\nSeq2Seq training step (forward + backward + Adam)")
         print(
-            f"  {'variant':<16} {'ms':>9} {'tokens/s':>10} {'of B':>6} {'of bare':>8} {'ops fwd+bwd':>12} "
+            f"  {'variant':<30} {'ms':>9} {'tokens/s':>10} {'of B':>6} {'of bare':>8} {'ops fwd+bwd':>12} "
             f"{'non-view':>9} {'ops Adam':>9} {'x B ops':>8}"
         )
         for name, row in train.items():
             print(
-                f"  {name:<16} {row['seconds_per_step'] * 1e3:>9.2f} {row['target_tokens_per_second']:>10.0f} "
+                f"  {name:<30} {row['seconds_per_step'] * 1e3:>9.2f} {row['target_tokens_per_second']:>10.0f} "
                 f"{row['of_bound_b']:>6.2f} {row['of_bare_fused']:>8.2f} {row['ops_forward_backward']:>12} "
                 f"{row['non_view_ops_forward_backward']:>9} {row['ops_optimizer_step']:>9} "
                 f"{row['ops_over_bound_b']:>8.2f}"

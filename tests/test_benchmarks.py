@@ -174,7 +174,7 @@ def test_decode_table_reports_ratios_against_the_bare_loop(seq2seq):
 
 def test_training_table_counts_every_variant():
     table = overhead.seq2seq_training(SIZE, CPU, rounds=1, repeats=1)
-    assert set(table) == {"bound B", "bare fused", "fused", "input feeding"}
+    assert set(table) == {"bound B", "bare fused", "fused", "input feeding", "input feeding, fused-op steps"}
     assert table["bound B"]["of_bound_b"] == 1.0 and table["bound B"]["ops_over_bound_b"] == 1.0
     # the input-feeding decoder issues its step ops once per target position
     assert table["input feeding"]["ops_forward_backward"] > 2 * table["fused"]["ops_forward_backward"]
