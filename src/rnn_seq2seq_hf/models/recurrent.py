@@ -19,10 +19,10 @@ bidirectional stack is trained with gradient checkpointing, the layers run one b
 `step` (one position, no padding, no checks) is what decoding loops and the step-by-step decoder (input feeding,
 Bahdanau attention) call. In training on the CPU it runs torch's cell ops (`lstm_cell`, `gru_cell`, ...) layer by
 layer instead of the fused op, whose CPU (oneDNN) call carries a fixed cost per call that a single time step does
-not amortise: a training step of the input-feeding model takes 19.2 -> 16.4 ms at hidden 32 (batch 8, one thread)
-and 953 -> 939 ms at hidden 512 (batch 64, two threads). The arithmetic is the same, so results agree to float
-rounding. `cell_steps = False` runs the fused op instead (the reference the tests compare against); inference, and
-every GPU, always run the fused op.
+not amortise: a training step of the input-feeding model is 1.13-1.16x faster at hidden 32 (batch 8, one thread;
+`benchmarks/bench_overhead.py`) and about 1.5% faster at hidden 512 (batch 64, two threads). The arithmetic is the
+same, so results agree to float rounding. `cell_steps = False` runs the fused op instead (the reference the tests
+compare against); inference, and every GPU, always run the fused op.
 
 Gradient checkpointing (`gradient_checkpointing = True`, set by `PreTrainedModel.activation_checkpointing_enable`):
 in training, a unidirectional stack runs over chunks of about sqrt(T) time steps, each chunk recomputed in the
