@@ -96,6 +96,14 @@ def build_rnn(
     raise ValueError(f"`cell_type` must be one of ['rnn_tanh', 'rnn_relu', 'lstm', 'gru'], got {cell_type!r}.")
 
 
+def recurrence_precision(device_type: str):
+    """The context the recurrence runs in: autocast off (the mixed-precision policy of `RecurrentStack.forward`),
+    entered only when autocast is on, since entering it costs about as much as a small op."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _is_tracing() -> bool:
     """True while `torch.export` / `torch.jit.trace` records the model: no data-dependent branches then."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
@@ -190,10 +198,7 @@ class RecurrentStack(nn.Module):
             mask, lengths = mask
         if self.training and (self.weight_dropout > 0 or (self.locked_dropout and self._between_layers_p() > 0)):
             return self._forward_regularised(inputs, state, mask, lengths, output_layers)
-        # entering the autocast context costs about as much as a small op, so only when autocast is on
-        device_type = inputs.device.type
-        autocast_off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
-        with autocast_off or contextlib.nullcontext():
+        with recurrence_precision(inputs.device.type):
             if mask is not None and inputs.shape[1] > 1 and _is_tracing():
                 return self._run_scan(inputs, state, mask)
             return self._run_by_padding(inputs, state, mask, lengths, output_layers)
@@ -233,11 +238,8 @@ class RecurrentStack(nn.Module):
             and inputs.device.type == "cpu"
             and self.num_directions == 1
         )
-        function = self._cell_step if use_cells else self._fused_step
-        if torch.is_autocast_enabled(inputs.device.type):  # the mixed-precision policy of `forward`
-            with torch.autocast(device_type=inputs.device.type, enabled=False):
-                return function(inputs, state)
-        return function(inputs, state)
+        with recurrence_precision(inputs.device.type):
+            return self._cell_step(inputs, state) if use_cells else self._fused_step(inputs, state)
 
     def _fused_step(self, inputs: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
         hx = state if self.is_lstm else state[0]
@@ -249,15 +251,11 @@ class RecurrentStack(nn.Module):
         """One time step (`inputs` `[B, 1, input_size]`) through torch's cell op for each layer, with the fused
         op's dropout between layers (the same `dropout` call on the same values, so the same random masks)."""
         cell = getattr(torch, f"{self.cell_type}_cell")  # lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell
-        weights = self.rnn._flat_weights
-        per_layer = len(weights) // self.num_layers  # w_ih, w_hh[, b_ih, b_hh]
         layer_input = inputs[:, 0]
         finals = []
         for layer in range(self.num_layers):
-            w = weights[layer * per_layer : (layer + 1) * per_layer]
-            biases = (w[2], w[3]) if self.rnn.bias else (None, None)
             hx = tuple(tensor[layer] for tensor in state) if self.is_lstm else state[0][layer]
-            new = cell(layer_input, hx, w[0], w[1], *biases)
+            new = cell(layer_input, hx, *self.layer_weights(layer))  # w_ih, w_hh[, b_ih, b_hh]
             finals.append(new if self.is_lstm else (new,))
             layer_input = finals[-1][0]
             if layer < self.num_layers - 1 and self.rnn.dropout > 0 and self.training:
