@@ -390,7 +390,7 @@ class LeanProcessors:
 
     Call: `processors(input_ids [N, L], scores [N, V], length, in_place=False)`, `length` the current sequence length
     (`in_place`: the EOS columns may be set in `scores` itself, which the caller keeps nowhere else; `input_ids`
-    may lag behind it when no processor reads the tokens, see `need_sequences`). With the minimum-length mask only
+    may lag behind it when no processor reads the tokens, see `need_sequences`). With the minimum-length ban only
     (`only_min_length`), scores may also be `[N, 1, V]`.
     """
 
@@ -418,7 +418,7 @@ class LeanProcessors:
         return bool(self.others) or self.min_length > 0
 
     def bans(self, eos: torch.Tensor, length: int) -> bool:
-        """Whether the minimum-length mask made every id of `eos` impossible at a sequence length of `length` (the
+        """Whether the minimum-length ban made every id of `eos` impossible at a sequence length of `length` (the
         EOS bookkeeping of that step is then a no-op and is skipped; the other processors cannot raise a score
         from minus infinity)."""
         if length >= self.min_length:

@@ -284,7 +284,7 @@ class RecurrentStack(nn.Module):
         # copy is one pass over the weights, small next to the recurrence.
         quiet = warnings.catch_warnings() if inputs.is_cuda else contextlib.nullcontext()
         try:
-            with quiet, torch.autocast(device_type=inputs.device.type, enabled=False):
+            with quiet, recurrence_precision(inputs.device.type):
                 if inputs.is_cuda:
                     warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
                 return self._run_by_padding(inputs, state, mask, lengths, output_layers)
