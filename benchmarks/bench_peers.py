@@ -435,7 +435,7 @@ def main() -> None:
         f"beam {size.beams}, 20 steps": lambda t: lambda: t.decode(batch, size.length, size.beams),
     }
     if args.rows:
-        wanted_rows = [name.strip() for name in args.rows.split(";")] if ";" in args.rows else [args.rows.strip()]
+        wanted_rows = [name.strip() for name in args.rows.split(";")]
         unknown = sorted(set(wanted_rows) - set(rows))
         if unknown:
             parser.error(f"--rows: unknown rows {unknown}; the rows are {list(rows)}")
@@ -483,7 +483,6 @@ def main() -> None:
         print(f"skipped {name}: {reason}")
     for name, counts in results["parameters"].items():
         print(f"parameters {name}: {counts['no input feeding']:,} / {counts['input feeding']:,} (with input feeding)")
-    names = [t.name for t in toolkits]
     print(f"\n  {'row':<26}" + "".join(f"{name:>14}" for name in names) + "   ours / peer (time)")
     for row, entries in table.items():
         cells = []
